@@ -1,0 +1,1 @@
+"""AT-1 / TLD latent transformer denoiser in JAX: model, diffusion, training, sampling."""

@@ -1,0 +1,1 @@
+"""Data stage: license filtering, captioning and encoding images into webdataset shards."""
