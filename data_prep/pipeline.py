@@ -1,0 +1,208 @@
+"""An encode run: checks before work, resumable per-shard processing, manifest at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from data_prep import records, schema, sources, storage, val_prompts, workers
+from data_prep.models import Models
+from data_prep.settings import EncodeSettings
+from data_prep.shard_job import ChunkCounts, ChunkEncoder
+
+log = logging.getLogger(__name__)
+
+
+class SettingsMismatch(RuntimeError):
+    """The output folder was started with different content settings."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run did: shards written and skipped (already complete), the manifest if merged."""
+
+    written: list[str]
+    resumed: list[str]
+    images: int
+    seconds: float
+    manifest: schema.Manifest | None
+
+
+def preflight(s: EncodeSettings) -> sources.FolderSource:
+    """Every check that can fail before work starts: settings, endpoints, input, prompts."""
+    s.validate()
+    for url in (s.input, s.output, s.val_prompts or ""):
+        if storage.is_s3(url):
+            storage.check_s3_reachable(url)
+    source = sources.open_source(
+        s.input,
+        s.input_format,
+        s.shard_size,
+        s.image_column,
+        s.caption_column,
+        s.split,
+        s.tfds_data_dir,
+    )
+    val_prompts.load_prompts(s.val_prompts)
+    return source
+
+
+def _run_info(s: EncodeSettings, models: Models, num_groups: int) -> dict:
+    arrays = {
+        k: {**dataclasses.asdict(v), "shape": list(v.shape)} for k, v in models.arrays.items()
+    }
+    return {
+        "settings": s.content_settings(),
+        "arrays": arrays,
+        "num_groups": num_groups,
+        "val_prompts": {"path": schema.VAL_PROMPTS_PATH},
+        **models.info(),
+    }
+
+
+def check_settings(root: str, settings: dict) -> bool:
+    """False for a fresh output; SettingsMismatch if it was started with other settings."""
+    url = storage.join(root, records.RUN_FILE)
+    if not storage.exists(url):
+        return False
+    old = records.read_json(url)["settings"]
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        raise SettingsMismatch(
+            f"{root} was started with different settings ({', '.join(diff)}); "
+            "use a new output folder or the same settings"
+        )
+    return True
+
+
+def _check_or_write_run(root: str, info: dict, tmp: str) -> None:
+    url = storage.join(root, records.RUN_FILE)
+    if check_settings(root, info["settings"]):
+        old = records.read_json(url)
+        if old["arrays"] != info["arrays"] or old["num_groups"] != info["num_groups"]:
+            raise SettingsMismatch(f"{root} was started from other inputs or models")
+        return
+    records.put_json(info, url, tmp)
+
+
+def _write_val_prompts(root: str, s: EncodeSettings, models: Models, tmp: str) -> None:
+    url = storage.join(root, schema.VAL_PROMPTS_PATH)
+    if storage.exists(url):
+        return
+    prompts = val_prompts.load_prompts(s.val_prompts)
+    samples = []
+    for start in range(0, len(prompts), s.batch_size):
+        texts = prompts[start : start + s.batch_size]
+        arrays = models.encode_text(texts)
+        for i, text in enumerate(texts):
+            key = f"val{start + i:04d}"
+            samples.append(
+                {
+                    "__key__": key,
+                    **{k: v[i] for k, v in arrays.items()},
+                    "caption": text,
+                    "json": {"index": start + i},
+                }
+            )
+    path = os.path.join(tmp, "val_prompts.tar")
+    with open(path, "wb") as f:
+        schema.write_shard(f, samples)
+    storage.put_file(path, url)
+
+
+def _publish_shard(root: str, name: str, samples: list[dict], counts: ChunkCounts, tmp: str):
+    path, sha, size = None, "", 0
+    if samples:
+        local = os.path.join(tmp, f"{name}.tar")
+        with open(local, "wb") as f:
+            schema.write_shard(f, samples)
+        with open(local, "rb") as f:
+            data = f.read()
+        sha, size, path = schema.sha256_bytes(data), len(data), records.shard_path(name)
+        storage.put_file(local, storage.join(root, path))  # the tar first, then its record
+        os.remove(local)
+    rec = records.ShardRecord(
+        name,
+        path,
+        len(samples),
+        sha,
+        size,
+        **{
+            k: dict(getattr(counts, k))
+            for k in ("skipped", "repaired", "licenses", "license_rejected", "caption_origins")
+        },
+    )
+    records.put_json(dataclasses.asdict(rec), storage.join(root, records.record_path(name)), tmp)
+
+
+def run(s: EncodeSettings) -> RunResult:
+    """Encode this worker's share of the input; merge the manifest if every group is done."""
+    source = preflight(s)
+    num_workers, worker_index = workers.resolve_worker(s.num_workers, s.worker_index)
+    mine = workers.my_groups(source.num_groups(), num_workers, worker_index)
+    todo = [g for g in mine if not records.group_done(s.output, g)]
+    resumed = records.group_shards(s.output, sorted(set(mine) - set(todo)))
+    log.info(
+        "worker %d/%d: %d groups, %d already done",
+        worker_index,
+        num_workers,
+        len(mine),
+        len(mine) - len(todo),
+    )
+    models = Models(s)
+    written, n_images = [], 0
+    start = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix="data_prep-") as tmp,
+        ThreadPoolExecutor(s.decode_threads) as pool,
+    ):
+        _check_or_write_run(s.output, _run_info(s, models, source.num_groups()), tmp)
+        if worker_index == 0:
+            _write_val_prompts(s.output, s, models, tmp)
+        encoder = ChunkEncoder(s, models, pool)
+        sizes = [source.group_size(g) for g in todo]
+        total = None if None in sizes else sum(sizes)
+        bar = tqdm(total=total, unit="img", disable=not s.progress, smoothing=0.1)
+        for g in todo:
+            chunk, items = 0, []
+
+            def flush(chunk: int, items: list, g: int = g) -> None:
+                nonlocal n_images
+                name = records.shard_name(g, chunk)
+                if records.shard_done(s.output, name):
+                    resumed.append(name)
+                    return
+                samples, counts = encoder.encode(items, g, chunk)
+                for smp in samples:
+                    smp["__key__"] = f"{name.replace('-', '_')}_{smp['__key__']}"
+                _publish_shard(s.output, name, samples, counts, tmp)
+                written.append(name)
+                n_images += len(items)
+
+            for item in source.iter_group(g):
+                items.append(item)
+                bar.update(1)
+                if len(items) == s.shard_size:
+                    flush(chunk, items)
+                    chunk, items = chunk + 1, []
+            if items or chunk == 0:
+                flush(chunk, items)
+                chunk += 1
+            done = {"group": g, "chunks": chunk}
+            records.put_json(done, storage.join(s.output, records.group_done_path(g)), tmp)
+        bar.close()
+        seconds = time.perf_counter() - start
+        manifest = None
+        try:
+            manifest = records.merge(s.output, tmp)
+        except records.IncompleteError as e:
+            log.info("manifest not written yet: %s; run `python -m data_prep.encode merge`", e)
+    rate = n_images / seconds if seconds > 0 else 0.0
+    log.info("encoded %d input items in %.1f s (%.2f images/s)", n_images, seconds, rate)
+    return RunResult(written, resumed, n_images, seconds, manifest)

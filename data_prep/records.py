@@ -1,0 +1,129 @@
+"""Per-shard completion records and the merge step that turns them into manifest.json.
+
+Layout under the output root: ``shards/{name}.tar``, ``parts/{name}.json`` (one record per
+finished shard, written after its tar), ``parts/group-{g}.done.json`` (written after a
+group's last shard), ``parts/run.json`` (settings shared by all workers), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from typing import Any
+
+from data_prep import schema, storage
+
+RUN_FILE = "parts/run.json"
+
+
+def shard_name(group: int, chunk: int) -> str:
+    """Shard name (no dots) of chunk ``chunk`` of group ``group``."""
+    return f"{group:05d}-{chunk:04d}"
+
+
+def shard_path(name: str) -> str:
+    """Shard tar path relative to the output root."""
+    return f"{schema.SHARD_DIR}/{name}.tar"
+
+
+def record_path(name: str) -> str:
+    """Shard record path relative to the output root."""
+    return f"parts/{name}.json"
+
+
+def group_done_path(group: int) -> str:
+    """Group completion record path relative to the output root."""
+    return f"parts/group-{group:05d}.done.json"
+
+
+@dataclasses.dataclass
+class ShardRecord:
+    """What one finished shard contributes to the manifest (path None when it has 0 samples)."""
+
+    name: str
+    path: str | None
+    num_samples: int
+    sha256: str
+    size_bytes: int
+    skipped: dict[str, int]
+    repaired: dict[str, int]
+    licenses: dict[str, int]
+    license_rejected: dict[str, int]
+    caption_origins: dict[str, int]
+
+
+def read_json(url: str) -> Any:
+    """Parse a JSON file."""
+    return json.loads(storage.read_bytes(url))
+
+
+def put_json(obj: Any, url: str, tmp_dir: str) -> None:
+    """Write JSON complete-or-absent."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    storage.put_bytes(data, url, tmp_dir)
+
+
+def group_done(root: str, group: int) -> bool:
+    """True if every shard of the group is finished."""
+    return storage.exists(storage.join(root, group_done_path(group)))
+
+
+def shard_done(root: str, name: str) -> bool:
+    """True if the shard's record exists (its tar was published before the record)."""
+    return storage.exists(storage.join(root, record_path(name)))
+
+
+def group_shards(root: str, groups: list[int]) -> list[str]:
+    """Shard names of finished groups, from their completion records."""
+    names = []
+    for g in groups:
+        done = read_json(storage.join(root, group_done_path(g)))
+        names += [shard_name(g, c) for c in range(done["chunks"])]
+    return names
+
+
+class IncompleteError(RuntimeError):
+    """Merge found groups that no worker has finished yet."""
+
+
+def merge(root: str, tmp_dir: str) -> schema.Manifest:
+    """Build manifest.json from run.json and all shard records; IncompleteError if unfinished."""
+    run = read_json(storage.join(root, RUN_FILE))
+    groups = range(run["num_groups"])
+    done_urls = [storage.join(root, group_done_path(g)) for g in groups]
+    missing = [g for g, u in zip(groups, done_urls, strict=True) if not storage.exists(u)]
+    if missing:
+        raise IncompleteError(
+            f"{len(missing)} of {len(groups)} input groups not finished (first: {missing[:5]})"
+        )
+    names = group_shards(root, list(groups))
+    totals = {k: Counter() for k in ("skipped", "repaired", "licenses", "license_rejected")}
+    totals["caption_origins"] = Counter()
+    shards = []
+    for name in names:
+        rec = ShardRecord(**read_json(storage.join(root, record_path(name))))
+        for k, c in totals.items():
+            c.update(getattr(rec, k))
+        if rec.num_samples > 0:
+            shards.append(
+                schema.ShardInfo(rec.name, rec.path, rec.num_samples, rec.sha256, rec.size_bytes)
+            )
+    manifest = schema.Manifest(
+        schema_version=schema.SCHEMA_VERSION,
+        arrays={
+            k: schema.ArraySpec(k, tuple(v["shape"]), v["dtype"], v.get("description", ""))
+            for k, v in run["arrays"].items()
+        },
+        shards=shards,
+        autoencoder=run["autoencoder"],
+        text_encoders=run["text_encoders"],
+        captioning=run["captioning"],
+        settings=run["settings"],
+        val_prompts=run.get("val_prompts"),
+        **{k: dict(sorted(c.items())) for k, c in totals.items()},
+    )
+    text = schema.dump_manifest(manifest)
+    schema.load_manifest(text)  # never publish a manifest our own reader rejects
+    storage.put_bytes(text.encode(), storage.join(root, schema.MANIFEST_NAME), tmp_dir)
+    return manifest

@@ -1,0 +1,314 @@
+"""Dataset manifest schema and shard reader: pure numpy, no torch or webdataset.
+
+The trainer imports exactly this module. A dataset is a root folder (local or s3://) with
+``manifest.json`` and ``shards/*.tar``. Each shard is a webdataset tar: members named
+``{key}.{field}`` where the key has no dots; fields are ``{array}.npy`` (one array each),
+``caption.txt`` (and ``original_caption.txt`` in "both" caption mode) and ``json`` (metadata).
+
+Typical use::
+
+    manifest = load_manifest(open(root + "/manifest.json").read())
+    for shard in manifest.shards:
+        with open(root + "/" + shard.path, "rb") as f:
+            for sample in iter_shard_samples(f, shard.name, manifest):
+                sample["latent_mean"], sample["caption"], sample["json"]["license"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+VAL_PROMPTS_PATH = "val_prompts.tar"
+
+# Fields that are not arrays.
+CAPTION_FIELD = "caption"
+ORIGINAL_CAPTION_FIELD = "original_caption"
+META_FIELD = "json"
+KEY_FIELD = "__key__"
+
+# Array names written by the autoencoder stage.
+LATENT_MEAN = "latent_mean"
+LATENT_STD = "latent_std"
+LATENT_SAMPLE = "latent"
+
+
+class SchemaError(ValueError):
+    """A manifest or shard does not follow this schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """Name, per-sample shape and dtype of one stored array."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard: its path relative to the dataset root, size and checksum."""
+
+    name: str
+    path: str
+    num_samples: int
+    sha256: str
+    size_bytes: int
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Everything a reader needs to know about a dataset."""
+
+    schema_version: int
+    arrays: dict[str, ArraySpec]
+    shards: list[ShardInfo]
+    autoencoder: dict[str, Any]
+    text_encoders: list[dict[str, Any]]
+    captioning: dict[str, Any] | None
+    settings: dict[str, Any]
+    skipped: dict[str, int]
+    repaired: dict[str, int]
+    licenses: dict[str, int]
+    license_rejected: dict[str, int]
+    caption_origins: dict[str, int]
+    val_prompts: dict[str, Any] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Total samples over all shards."""
+        return sum(s.num_samples for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        d = dataclasses.asdict(self)
+        d["arrays"] = {k: {**v, "shape": list(v["shape"])} for k, v in d["arrays"].items()}
+        d["num_samples"] = self.num_samples
+        return d
+
+
+def dump_manifest(manifest: Manifest) -> str:
+    """Manifest as stable, indented JSON text."""
+    return json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise SchemaError(f"{where}: missing field {key!r}")
+    if not isinstance(d[key], typ):
+        raise SchemaError(f"{where}: field {key!r} has type {type(d[key]).__name__}")
+    return d[key]
+
+
+def _counts(d: dict, key: str) -> dict[str, int]:
+    c = _require(d, key, dict, "manifest")
+    if not all(isinstance(v, int) for v in c.values()):
+        raise SchemaError(f"manifest: {key!r} must map names to integer counts")
+    return dict(c)
+
+
+def load_manifest(text: str | bytes) -> Manifest:
+    """Parse and validate manifest JSON text."""
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SchemaError(f"manifest is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise SchemaError("manifest must be a JSON object")
+    version = _require(d, "schema_version", int, "manifest")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"manifest schema_version {version}; this reader knows {SCHEMA_VERSION}")
+    arrays = {}
+    for name, a in _require(d, "arrays", dict, "manifest").items():
+        where = f"manifest array {name!r}"
+        shape = tuple(_require(a, "shape", list, where))
+        if not all(isinstance(n, int) and n > 0 for n in shape):
+            raise SchemaError(f"{where}: shape must be positive integers, got {shape}")
+        dtype = _require(a, "dtype", str, where)
+        try:
+            np.dtype(dtype)
+        except TypeError as e:
+            raise SchemaError(f"{where}: unknown dtype {dtype!r}") from e
+        arrays[name] = ArraySpec(name, shape, dtype, a.get("description", ""))
+    shards = []
+    for i, s in enumerate(_require(d, "shards", list, "manifest")):
+        where = f"manifest shard #{i}"
+        shards.append(
+            ShardInfo(
+                name=_require(s, "name", str, where),
+                path=_require(s, "path", str, where),
+                num_samples=_require(s, "num_samples", int, where),
+                sha256=_require(s, "sha256", str, where),
+                size_bytes=_require(s, "size_bytes", int, where),
+            )
+        )
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise SchemaError("manifest: duplicate shard names")
+    captioning = d.get("captioning")
+    val_prompts = d.get("val_prompts")
+    return Manifest(
+        schema_version=version,
+        arrays=arrays,
+        shards=shards,
+        autoencoder=_require(d, "autoencoder", dict, "manifest"),
+        text_encoders=_require(d, "text_encoders", list, "manifest"),
+        captioning=captioning if isinstance(captioning, dict) else None,
+        settings=_require(d, "settings", dict, "manifest"),
+        skipped=_counts(d, "skipped"),
+        repaired=_counts(d, "repaired"),
+        licenses=_counts(d, "licenses"),
+        license_rejected=_counts(d, "license_rejected"),
+        caption_origins=_counts(d, "caption_origins"),
+        val_prompts=val_prompts if isinstance(val_prompts, dict) else None,
+    )
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes, as the manifest records shard checksums."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_shard_bytes(data: bytes, shard: ShardInfo) -> None:
+    """Raise SchemaError unless the shard bytes match the manifest's size and checksum."""
+    if len(data) != shard.size_bytes or sha256_bytes(data) != shard.sha256:
+        raise SchemaError(f"shard {shard.name}: size or sha256 differs from the manifest")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, field) the webdataset way: at the first dot."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        raise SchemaError(f"member {name!r} has no field extension")
+    key, field = base.split(".", 1)
+    return key, field
+
+
+def _decode_field(field: str, data: bytes, where: str) -> tuple[str, Any]:
+    try:
+        if field.endswith(".npy"):
+            return field[: -len(".npy")], np.load(io.BytesIO(data), allow_pickle=False)
+        if field.endswith(".txt"):
+            return field[: -len(".txt")], data.decode("utf-8")
+        if field == "json":
+            return META_FIELD, json.loads(data)
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise SchemaError(f"{where}: cannot decode field {field!r}: {e}") from e
+    raise SchemaError(f"{where}: unknown field {field!r}")
+
+
+def validate_sample(sample: dict[str, Any], arrays: dict[str, ArraySpec], shard: str) -> None:
+    """Check a decoded sample has every manifest array with the right shape and dtype."""
+    where = f"shard {shard} sample {sample.get(KEY_FIELD)!r}"
+    for name, spec in arrays.items():
+        if name not in sample:
+            raise SchemaError(f"{where}: missing array {name!r}")
+        a = sample[name]
+        if a.shape != spec.shape or a.dtype != np.dtype(spec.dtype):
+            raise SchemaError(
+                f"{where}: array {name!r} is {a.dtype}{list(a.shape)}, "
+                f"manifest says {spec.dtype}{list(spec.shape)}"
+            )
+    if not isinstance(sample.get(CAPTION_FIELD), str):
+        raise SchemaError(f"{where}: missing caption")
+    if not isinstance(sample.get(META_FIELD), dict):
+        raise SchemaError(f"{where}: missing json metadata")
+
+
+def iter_shard_samples(
+    fileobj: IO[bytes] | bytes,
+    shard: str = "<shard>",
+    manifest: Manifest | None = None,
+    arrays: dict[str, ArraySpec] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield samples of one shard as dicts: ``__key__``, arrays, ``caption``, ``json``.
+
+    With a manifest (or an explicit ``arrays`` spec) every sample is validated against it.
+    Members of one sample must be adjacent, as webdataset writes them.
+    """
+    if isinstance(fileobj, bytes | bytearray):
+        fileobj = io.BytesIO(fileobj)
+    if arrays is None and manifest is not None:
+        arrays = manifest.arrays
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+
+    def finish(s: dict[str, Any]) -> dict[str, Any]:
+        if arrays is not None:
+            validate_sample(s, arrays, shard)
+        return s
+
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = split_member_name(member.name)
+                where = f"shard {shard} sample {key!r}"
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                name, value = _decode_field(field, data, where)
+                if current is None or current[KEY_FIELD] != key:
+                    if current is not None:
+                        yield finish(current)
+                    if key in seen:
+                        raise SchemaError(f"{where}: members of this key are not adjacent")
+                    seen.add(key)
+                    current = {KEY_FIELD: key}
+                if name in current:
+                    raise SchemaError(f"{where}: duplicate field {field!r}")
+                current[name] = value
+    except (tarfile.TarError, EOFError) as e:
+        raise SchemaError(f"shard {shard}: unreadable tar: {e}") from e
+    if current is not None:
+        yield finish(current)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_members(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Tar members (name, bytes) of one sample dict in the layout iter_shard_samples reads."""
+    key = sample[KEY_FIELD]
+    if not key or "." in key or "/" in key:
+        raise SchemaError(f"sample key {key!r} must be non-empty without dots or slashes")
+    members = []
+    for name in sorted(k for k in sample if k != KEY_FIELD):
+        value = sample[name]
+        if isinstance(value, np.ndarray):
+            members.append((f"{key}.{name}.npy", _npy_bytes(value)))
+        elif name == META_FIELD:
+            text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+            members.append((f"{key}.json", text.encode("utf-8")))
+        elif isinstance(value, str):
+            members.append((f"{key}.{name}.txt", value.encode("utf-8")))
+        else:
+            raise SchemaError(f"sample {key!r}: field {name!r} has type {type(value).__name__}")
+    return members
+
+
+def write_shard(fileobj: IO[bytes], samples: list[dict[str, Any]]) -> None:
+    """Write samples as a reproducible webdataset tar (fixed mtime, no owner names)."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for name, data in sample_members(sample):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))

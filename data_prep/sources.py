@@ -1,0 +1,353 @@
+"""Input readers: image folder, img2dataset tars, parquet/JSONL table, tfds data_source.
+
+Each source splits its items into deterministic *groups*; a worker processes whole groups
+and each group becomes one or more output shards. Flat sources (folder, table, tfds) use
+groups of ``shard_size`` items; tar sources use one group per input tar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from data_prep import storage
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_KEYS = ("caption", "text", "TEXT", "title")
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "filename")
+
+
+class SourceError(RuntimeError):
+    """An input that cannot be read at all; raised before any work starts."""
+
+
+@dataclasses.dataclass
+class RawSample:
+    """One input item before decoding: image bytes (or array), caption, metadata."""
+
+    source_id: str
+    image_bytes: bytes | None = None
+    image_array: np.ndarray | None = None
+    caption: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    repairs: list[str] = dataclasses.field(default_factory=list)
+    skip_reason: str | None = None  # set when the item is known bad before decoding
+
+
+@dataclasses.dataclass
+class ReadFailure:
+    """A group that ended early (e.g. a truncated tar); counted as a skip with ``reason``."""
+
+    reason: str
+    detail: str
+
+
+def decode_caption(data: bytes | str | None, repairs: list[str]) -> str | None:
+    """Caption text with whitespace cleaned; non-UTF-8 bytes are repaired as cp1252/latin-1."""
+    if data is None:
+        return None
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            repairs.append("caption_non_utf8")
+            try:
+                text = data.decode("cp1252")
+            except UnicodeDecodeError:
+                text = data.decode("latin-1")
+    else:
+        text = str(data)
+    text = " ".join(text.split())
+    return text or None
+
+
+def _parse_meta(data: bytes, repairs: list[str]) -> dict[str, Any]:
+    try:
+        meta = json.loads(data.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        repairs.append("metadata_unreadable")
+        return {}
+    if not isinstance(meta, dict):
+        repairs.append("metadata_unreadable")
+        return {}
+    return meta
+
+
+def _caption_from_meta(meta: dict[str, Any], repairs: list[str]) -> str | None:
+    for k in CAPTION_KEYS:
+        if isinstance(meta.get(k), str | bytes):
+            return decode_caption(meta[k], repairs)
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 16 else None
+    if isinstance(value, float) and value != value:  # NaN from pandas-less parquet nulls
+        return None
+    return value
+
+
+def _read_optional(fs, path: str) -> bytes | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class FolderSource:
+    """Images under a folder (recursive) with optional sidecar ``.txt`` / ``.json``."""
+
+    kind = "folder"
+
+    def __init__(self, root: str, shard_size: int):
+        self.fs, self.path = storage.get_fs(root)
+        if not self.fs.isdir(self.path):
+            raise SourceError(f"input folder not found: {root}")
+        files = sorted(p for p in self.fs.find(self.path) if p.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise SourceError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        self.files, self.shard_size = files, shard_size
+
+    def num_groups(self) -> int:
+        """Number of groups."""
+        return -(-len(self.files) // self.shard_size)
+
+    def group_size(self, g: int) -> int | None:
+        """Items in group g (None if unknown before reading)."""
+        return len(self.files[g * self.shard_size : (g + 1) * self.shard_size])
+
+    def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
+        """Items of group g in order."""
+        for path in self.files[g * self.shard_size : (g + 1) * self.shard_size]:
+            rel = posixpath.relpath(path, self.path)
+            stem = os.path.splitext(path)[0]
+            repairs: list[str] = []
+            meta_bytes = _read_optional(self.fs, stem + ".json")
+            meta = _parse_meta(meta_bytes, repairs) if meta_bytes is not None else {}
+            caption = decode_caption(_read_optional(self.fs, stem + ".txt"), repairs)
+            if caption is None:
+                caption = _caption_from_meta(meta, repairs)
+            data = _read_optional(self.fs, path)
+            yield RawSample(rel, data, None, caption, meta, repairs)
+
+
+class TarSource:
+    """img2dataset / webdataset tars: members ``{key}.{jpg,png,webp}``, ``.txt``, ``.json``."""
+
+    kind = "tars"
+
+    def __init__(self, url: str):
+        fs, path = storage.get_fs(url)
+        if fs.isdir(path):
+            tars = sorted(p for p in fs.find(path) if p.endswith(".tar"))
+        elif fs.exists(path):
+            tars = [path]
+        else:
+            tars = sorted(fs.glob(path))
+        if not tars:
+            raise SourceError(f"no .tar files at {url}")
+        self.fs, self.tars = fs, tars
+
+    def num_groups(self) -> int:
+        """One group per input tar."""
+        return len(self.tars)
+
+    def group_size(self, g: int) -> int | None:
+        """Unknown until the tar is read."""
+        return None
+
+    def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
+        """Samples of tar g; a truncated/corrupt tar ends with a ReadFailure."""
+        name = posixpath.basename(self.tars[g])
+        current: dict[str, bytes] = {}
+        key = None
+        try:
+            with self.fs.open(self.tars[g], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = posixpath.basename(member.name)
+                    if "." not in base or base.startswith("."):
+                        continue
+                    mkey = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
+                    ext = base.split(".", 1)[1].lower()
+                    data = tar.extractfile(member).read()
+                    if mkey != key and current:
+                        yield self._sample(name, key, current)
+                        current = {}
+                    key = mkey
+                    current[ext] = data
+        except (tarfile.TarError, EOFError, OSError) as e:
+            # The sample being read when the tar broke is lost; earlier ones are kept.
+            yield ReadFailure("truncated_input_tar", f"{name}: {e}")
+            return
+        if current:
+            yield self._sample(name, key, current)
+
+    @staticmethod
+    def _sample(tar_name: str, key: str, fields: dict[str, bytes]) -> RawSample:
+        repairs: list[str] = []
+        meta = _parse_meta(fields["json"], repairs) if "json" in fields else {}
+        caption = decode_caption(fields.get("txt"), repairs)
+        if caption is None:
+            caption = _caption_from_meta(meta, repairs)
+        image = next((fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in fields), None)
+        skip = None if image is not None else "missing_image_file"
+        return RawSample(f"{tar_name}/{key}", image, None, caption, meta, repairs, skip)
+
+
+class TableSource:
+    """A parquet or JSONL table with a column of image paths (relative to the table)."""
+
+    kind = "table"
+
+    def __init__(self, url: str, shard_size: int, image_column: str | None, caption_column: str):
+        fs, path = storage.get_fs(url)
+        if not fs.exists(path):
+            raise SourceError(f"input table not found: {url}")
+        with fs.open(path, "rb") as f:
+            if path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                rows = pq.read_table(f).to_pylist()
+            else:
+                rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
+        if not rows:
+            raise SourceError(f"input table is empty: {url}")
+        cols = rows[0].keys()
+        self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in cols), None)
+        if self.image_column not in cols:
+            raise SourceError(
+                f"table {url} has no image column (tried {image_column or IMAGE_COLUMNS})"
+            )
+        self.caption_column = caption_column
+        self.fs, self.base, self.rows, self.shard_size = (
+            fs,
+            posixpath.dirname(path),
+            rows,
+            shard_size,
+        )
+
+    def num_groups(self) -> int:
+        """Number of groups."""
+        return -(-len(self.rows) // self.shard_size)
+
+    def group_size(self, g: int) -> int | None:
+        """Items in group g."""
+        return len(self.rows[g * self.shard_size : (g + 1) * self.shard_size])
+
+    def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
+        """Rows of group g in order, with their image files read."""
+        start = g * self.shard_size
+        for i, row in enumerate(self.rows[start : start + self.shard_size], start):
+            repairs: list[str] = []
+            ref = str(row.get(self.image_column) or "")
+            if ref.startswith("s3://"):
+                fs, path = storage.get_fs(ref)
+            else:
+                fs, path = self.fs, ref if posixpath.isabs(ref) else posixpath.join(self.base, ref)
+            data = _read_optional(fs, path) if ref else None
+            meta = {k: _jsonable(v) for k, v in row.items() if k != self.image_column}
+            caption = decode_caption(row.get(self.caption_column), repairs)
+            skip = None if data is not None else "missing_image_file"
+            yield RawSample(f"row{i}:{ref}", data, None, caption, meta, repairs, skip)
+
+
+class TfdsSource:
+    """A tensorflow_datasets dataset through ``tfds.data_source`` (array_record, no TF)."""
+
+    kind = "tfds"
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None,
+        shard_size: int,
+        image_column: str | None,
+        caption_column: str,
+    ):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise SourceError("tfds input needs the tensorflow-datasets package") from e
+        try:
+            self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises assorted errors for a missing dataset
+            raise SourceError(f"tfds dataset {name!r} split {split!r} not readable: {e}") from e
+        self.name, self.shard_size = name, shard_size
+        self.image_column, self.caption_column = image_column or "image", caption_column
+
+    def num_groups(self) -> int:
+        """Number of groups."""
+        return -(-len(self.ds) // self.shard_size)
+
+    def group_size(self, g: int) -> int | None:
+        """Items in group g."""
+        return min(self.shard_size, len(self.ds) - g * self.shard_size)
+
+    def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
+        """Records of group g, images as arrays."""
+        start = g * self.shard_size
+        for i in range(start, min(start + self.shard_size, len(self.ds))):
+            repairs: list[str] = []
+            rec = self.ds[i]
+            image = rec.get(self.image_column)
+            meta = {
+                k: _jsonable(v)
+                for k, v in rec.items()
+                if k not in (self.image_column, self.caption_column)
+            }
+            caption = decode_caption(rec.get(self.caption_column), repairs)
+            skip = None if image is not None else "missing_image_file"
+            yield RawSample(f"{self.name}[{i}]", None, image, caption, meta, repairs, skip)
+
+
+def open_source(
+    url: str,
+    fmt: str,
+    shard_size: int,
+    image_column: str | None = None,
+    caption_column: str = "caption",
+    split: str = "train",
+    tfds_data_dir: str | None = None,
+):
+    """Open an input by format (``auto`` guesses from the URL); SourceError if unusable."""
+    if fmt == "auto":
+        if url.startswith("tfds:"):
+            fmt = "tfds"
+        elif url.endswith((".parquet", ".jsonl", ".json")):
+            fmt = "table"
+        elif url.endswith(".tar") or "*" in url:
+            fmt = "tars"
+        else:
+            fs, path = storage.get_fs(url)
+            if not fs.exists(path):
+                raise SourceError(f"input path not found: {url}")
+            has_tars = fs.isdir(path) and any(p.endswith(".tar") for p in fs.find(path))
+            fmt = "tars" if has_tars else "folder"
+    if fmt == "tfds":
+        name = url.removeprefix("tfds:")
+        return TfdsSource(name, split, tfds_data_dir, shard_size, image_column, caption_column)
+    if not url.startswith("s3://") and "*" not in url and not os.path.exists(url):
+        raise SourceError(f"input path not found: {url}")
+    if fmt == "table":
+        return TableSource(url, shard_size, image_column, caption_column)
+    if fmt == "tars":
+        return TarSource(url)
+    if fmt == "folder":
+        return FolderSource(url, shard_size)
+    raise SourceError(f"unknown input format {fmt!r}")

@@ -1,0 +1,129 @@
+"""Text encoders: CLIP (pooled projected, optional tokens), T5 (tokens + mask), sentence."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.schema import ArraySpec
+
+DEFAULT_TEXT_ENCODER = "clip=openai/clip-vit-large-patch14"
+KINDS = ("clip", "t5", "sentence")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderSpec:
+    """One --text-encoder value: ``[name:]kind=model`` (name defaults to the kind)."""
+
+    name: str
+    kind: str
+    model: str
+
+
+def parse_spec(value: str) -> TextEncoderSpec:
+    """Parse ``[name:]kind=model``, e.g. ``clip=openai/clip-vit-large-patch14``."""
+    head, sep, model = value.partition("=")
+    if not sep or not model:
+        raise ValueError(f"--text-encoder {value!r}: expected [name:]kind=model")
+    name, _, kind = head.rpartition(":")
+    name = name or kind
+    if kind not in KINDS:
+        raise ValueError(f"--text-encoder {value!r}: kind must be one of {', '.join(KINDS)}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"--text-encoder {value!r}: name must match {_NAME_RE.pattern}")
+    return TextEncoderSpec(name, kind, model)
+
+
+class TextEncoder:
+    """A loaded encoder that maps a list of strings to named fp16/uint8 arrays."""
+
+    def __init__(
+        self,
+        spec: TextEncoderSpec,
+        device: str,
+        dtype: torch.dtype,
+        clip_tokens: bool = False,
+        max_length: int | None = None,
+    ):
+        from transformers import (
+            AutoModel,
+            AutoTokenizer,
+            CLIPTextModelWithProjection,
+            T5EncoderModel,
+        )
+
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.clip_tokens = clip_tokens and spec.kind == "clip"
+        cls = {"clip": CLIPTextModelWithProjection, "t5": T5EncoderModel, "sentence": AutoModel}
+        self.model = cls[spec.kind].from_pretrained(spec.model, dtype=dtype).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or 512
+        if spec.kind == "t5":
+            self.max_length = max_length or 120
+        elif spec.kind == "clip":
+            self.max_length = min(limit, max_length or 77)
+        else:
+            self.max_length = min(limit, max_length or 256)
+        self.hidden = cfg.hidden_size if spec.kind != "t5" else cfg.d_model
+        self.proj = getattr(cfg, "projection_dim", None)
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Array specs this encoder writes, named ``{name}_pooled/_tokens/_mask``."""
+        n, L = self.spec.name, self.max_length
+        out = {}
+        if self.spec.kind == "clip":
+            out[f"{n}_pooled"] = ArraySpec(f"{n}_pooled", (self.proj,), "float16", "projected")
+        if self.spec.kind == "sentence":
+            out[f"{n}_pooled"] = ArraySpec(f"{n}_pooled", (self.hidden,), "float16", "mean pool")
+        if self.spec.kind == "t5" or self.clip_tokens:
+            out[f"{n}_tokens"] = ArraySpec(f"{n}_tokens", (L, self.hidden), "float16", "hidden")
+            out[f"{n}_mask"] = ArraySpec(f"{n}_mask", (L,), "uint8", "1 = real token")
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Manifest description."""
+        return {
+            "name": self.spec.name,
+            "kind": self.spec.kind,
+            "model": self.spec.model,
+            "max_length": self.max_length,
+            "arrays": sorted(self.arrays()),
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Encode a batch of strings to the arrays of ``arrays()`` (batched, first axis B)."""
+        padding = "max_length" if self.spec.kind == "t5" or self.clip_tokens else True
+        tok = self.tokenizer(
+            texts,
+            padding=padding,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        n = self.spec.name
+        mask = tok["attention_mask"]
+        out = self.model(input_ids=tok["input_ids"], attention_mask=mask)
+        result = {}
+        if self.spec.kind == "clip":
+            result[f"{n}_pooled"] = out.text_embeds
+        if self.spec.kind == "sentence":
+            m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            result[f"{n}_pooled"] = pooled
+        if self.spec.kind == "t5" or self.clip_tokens:
+            result[f"{n}_tokens"] = out.last_hidden_state
+            result[f"{n}_mask"] = mask
+        return {
+            k: v.cpu().numpy().astype(np.uint8)
+            if k.endswith("_mask")
+            else v.float().cpu().numpy().astype(np.float16)
+            for k, v in result.items()
+        }
