@@ -31,17 +31,23 @@ _STORAGE_DTYPES = {
 class Opaque:
     """Stand-in for an object of a class the reader does not rebuild (kept inert)."""
 
-    def __init__(self, name: str, *args, **kwargs):
-        self.name = name
+    name = "?"
 
-    def __call__(self, *args, **kwargs):
-        return Opaque(self.name)
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def __setstate__(self, state):
         pass
 
     def __repr__(self):
         return f"Opaque({self.name})"
+
+
+def _opaque_class(name: str) -> type:
+    return type("Opaque", (Opaque,), {"name": name})
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -74,13 +80,13 @@ class _Unpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "torch" and name == "Size":
             return tuple
-        return Opaque(f"{module}.{name}")
+        return _opaque_class(f"{module}.{name}")
 
     def persistent_load(self, pid):
         kind, dtype, key = pid[0], pid[1], pid[2]
         if kind != "storage":
             raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
-        if isinstance(dtype, Opaque):
+        if isinstance(dtype, type) and issubclass(dtype, Opaque):
             raise pickle.UnpicklingError(f"unsupported tensor storage type {dtype.name}")
         if key not in self._storages:
             raw = self._archive.read(f"{self._prefix}data/{key}")

@@ -1,0 +1,105 @@
+"""The one place where logical axis names meet the device mesh.
+
+Model code tags each parameter with `logical_axes` metadata (e.g. ("embed", "mlp")); a
+rules table maps each logical name to mesh axes. Mesh axes: `data` (pure data
+parallelism), `fsdp` (data parallelism with parameters, gradients and optimiser state
+sharded), `tensor` (attention/MLP weights split across devices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# FSDP over the model width; tensor parallelism over attention projections and MLP hidden.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("mlp", "tensor"),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {asked}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {asked}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices) or min(sizes) < 1:
+        raise ValueError(
+            f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} must equal the "
+            f"{len(devices)} available devices"
+        )
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules):
+    """PartitionSpec for one array: each mesh axis used once, only where it divides the dim."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        if targets and dim % math.prod(mesh.shape[t] for t in targets) == 0:
+            used.update(targets)
+            spec.append(targets[0] if len(targets) == 1 else targets)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def _is_var(x):
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for an nnx State (or any pytree of Variables carrying logical_axes)."""
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes") or (None,) * var.ndim
+        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Leading (batch) axis split over the data-parallel mesh axes, the rest replicated."""
+    target = dict(rules).get("batch")
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    return NamedSharding(mesh, PartitionSpec(targets or None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Place every array of `model` on `mesh` according to `rules` (in place; returns it)."""
+    state = nnx.state(model)
+    placed = jax.device_put(state, state_shardings(state, mesh, rules))
+    nnx.update(model, placed)
+    return model
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch is split: global batches must be a multiple of it."""
+    spec = batch_sharding(mesh, rules).spec[0] or ()
+    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))

@@ -1,0 +1,162 @@
+"""PyTorch TLD/AT-1 checkpoints ↔ this project's weights: parity, round trips, errors."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch_reference as ref
+from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as torch_load_file
+from safetensors.torch import save_file as torch_save_file
+
+from at1_jax import convert, weights
+from at1_jax.presets import PRESETS
+
+SMALL = dict(c=4, size=8, p=2, e=128, depth=2, noise_dims=64, text_dim=32)
+
+
+def _reference(block, seed=0, **kw):
+    torch.manual_seed(seed)
+    args = {**SMALL, "cross_heads": 4 if block == "legacy" else None, "block": block, **kw}
+    model = ref.Denoiser(**args).eval()
+    with torch.no_grad():  # move norms off (1, 0) so a swapped scale/bias cannot pass.
+        for name, p in model.named_parameters():
+            if "norm" in name or "patchify_and_embed.2" in name or "patchify_and_embed.4" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _inputs(batch=3, size=8, text_dim=32):
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(batch, 4, size, size, generator=g),
+        torch.rand(batch, 1, generator=g),
+        torch.randn(batch, text_dim, generator=g),
+    )
+
+
+def _jax_out(model, x, s, t):
+    return np.asarray(model(*(jnp.asarray(a.numpy()) for a in (x, s, t))))
+
+
+@pytest.mark.parametrize("block", ["prenorm", "legacy"])
+def test_converted_weights_reproduce_the_pytorch_reference(block, tmp_path):
+    model = _reference(block)
+    torch.save(model.state_dict(), tmp_path / "ck.pth")
+    cfg = convert.import_checkpoint(str(tmp_path / "ck.pth"), str(tmp_path / "w"), block)
+    assert (cfg.block, cfg.width, cfg.depth, cfg.noise_embed_dims) == (block, 128, 2, 64)
+    x, s, t = _inputs()
+    with torch.no_grad():
+        expected = model(x, s, t).numpy()
+    got = _jax_out(weights.load(str(tmp_path / "w")), x, s, t)
+    # fp32 both sides, same math in another order: sums of ≤512 terms each lose ~sqrt(512)·6e-8
+    # relative, compounded through 2 blocks and 5 norms: ≲1e-5 of the output scale.
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_wrong_variant_gives_different_outputs(tmp_path):
+    model = _reference("legacy")
+    torch.save(model.state_dict(), tmp_path / "ck.pth")
+    convert.import_checkpoint(
+        str(tmp_path / "ck.pth"), str(tmp_path / "w"), "prenorm", cross_heads=4
+    )
+    x, s, t = _inputs()
+    with torch.no_grad():
+        expected = model(x, s, t).numpy()
+    got = _jax_out(weights.load(str(tmp_path / "w")), x, s, t)
+    assert np.abs(got - expected).max() > 1e-2
+
+
+def test_fp16_wrapped_compiled_checkpoint_loads(tmp_path):
+    model = _reference("legacy")
+    sd = {f"_orig_mod.{k}": v.half() for k, v in model.state_dict().items()}
+    torch.save({"model_ema": sd, "step": 1200, "optimizer": {"lr": 3e-4}}, tmp_path / "ck.pt")
+    convert.import_checkpoint(str(tmp_path / "ck.pt"), str(tmp_path / "w"), "legacy")
+    x, s, t = _inputs()
+    half = ref.Denoiser(**SMALL, cross_heads=4, block="legacy").eval()
+    half.load_state_dict({k[len("_orig_mod.") :]: v.float() for k, v in sd.items()})
+    with torch.no_grad():
+        expected = half(x, s, t).numpy()
+    got = _jax_out(weights.load(str(tmp_path / "w")), x, s, t)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_safetensors_input_and_export_round_trip_is_exact(tmp_path):
+    model = _reference("prenorm")
+    torch_save_file(model.state_dict(), str(tmp_path / "ck.safetensors"))
+    convert.import_checkpoint(str(tmp_path / "ck.safetensors"), str(tmp_path / "a"), "prenorm")
+    convert.export_checkpoint(str(tmp_path / "a"), str(tmp_path / "back.safetensors"))
+    exported = torch_load_file(str(tmp_path / "back.safetensors"))
+    original = model.state_dict()
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert torch.equal(exported[k], v), k
+    ref.Denoiser(**SMALL, block="prenorm").load_state_dict(exported)  # reference code loads it
+    convert.import_checkpoint(str(tmp_path / "back.safetensors"), str(tmp_path / "b"), "prenorm")
+    a = load_file(str(tmp_path / "a" / weights.PARAMS_FILE))
+    b = load_file(str(tmp_path / "b" / weights.PARAMS_FILE))
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_cli_infers_the_preset_from_shapes(tmp_path, capsys):
+    model = ref.Denoiser(c=4, size=16, p=2, e=128, depth=3, noise_dims=256, block="prenorm")
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    assert (
+        convert.main(
+            ["import", str(tmp_path / "tiny.pth"), str(tmp_path / "w"), "--variant", "prenorm"]
+        )
+        == 0
+    )
+    assert "preset: tld-tiny" in capsys.readouterr().out
+    assert weights.load_config(str(tmp_path / "w")) == PRESETS["tld-tiny"]
+
+
+def test_missing_and_mis_shaped_keys_are_named(tmp_path):
+    sd = {k: v.numpy() for k, v in _reference("legacy").state_dict().items()}
+    missing = dict(sd)
+    del missing["denoiser_trans_block.decoder_blocks.1.norm2.bias"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"missing: \['denoiser_trans_block.decoder_blocks.1.norm2.bias'\]"
+    ):
+        convert.import_checkpoint(str(tmp_path / "missing.safetensors"), str(tmp_path / "w"))
+    bad = dict(sd)
+    bad["denoiser_trans_block.decoder_blocks.0.mlp.mlp.3.bias"] = np.zeros(7, np.float32)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"shape of blocks/0/mlp/fc2/bias: file has \(7,\), model needs \(128,\)"
+    ):
+        convert.import_checkpoint(str(tmp_path / "bad.safetensors"), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    torch.save(_reference("legacy").state_dict(), tmp_path / "ck.pth")
+    data = (tmp_path / "ck.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a zip-format PyTorch checkpoint"):
+        convert.import_checkpoint(str(tmp_path / "cut.pth"), str(tmp_path / "w"))
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="unreadable safetensors"):
+        convert.import_checkpoint(str(tmp_path / "cut.safetensors"), str(tmp_path / "w"))
+    torch.save({"epoch": 3, "weights_here": {"a": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"no state_dict found.*--key"):
+        convert.import_checkpoint(str(tmp_path / "other.pth"), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match=r"missing label_proj\.weight"):
+        convert.import_checkpoint(
+            str(tmp_path / "other.pth"), str(tmp_path / "w"), key="weights_here"
+        )
+
+
+def test_weights_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an at1-jax weights folder"):
+        weights.load(str(tmp_path))
+    cfg = dataclasses.asdict(PRESETS["tld-tiny"])
+    (tmp_path / weights.CONFIG_FILE).write_text(__import__("json").dumps({**cfg, "colour": 1}))
+    with pytest.raises(ValueError, match=r"unknown model config fields \['colour'\]"):
+        weights.load(str(tmp_path))
