@@ -13,15 +13,14 @@ fed to the decoder as given (the raw-VAE-latent convention of `AutoencoderKL.dec
 
 Weights: `load_vae_decoder` reads `config.json` + `diffusion_pytorch_model.safetensors` from a
 local folder or a hub id (via `huggingface_hub.snapshot_download`). Only `decoder.*` and
-`post_quant_conv.*` tensors are used. This module never imports torch at import time; torch is
-imported lazily only to read a legacy `.bin` checkpoint when no safetensors file exists.
+`post_quant_conv.*` tensors are used. A legacy `.bin` checkpoint (when no safetensors file
+exists) is read by `torch_pickle`, without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -35,6 +34,8 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from flax import nnx
+
+from at1_jax import torch_pickle
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -365,10 +366,6 @@ def _weights_name(base: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
-
-
 def _resolve_folder(
     path_or_hub_id: str | os.PathLike, subfolder: str | None, variant: str | None, revision
 ) -> Path:
@@ -384,8 +381,6 @@ def _resolve_folder(
         raise FileNotFoundError(f"VAE folder {path} does not exist (and is not a hub id).")
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     wanted = [prefix + CONFIG_NAME, prefix + _weights_name(WEIGHTS_NAME, variant)]
-    if _torch_available():
-        wanted.append(prefix + _weights_name(WEIGHTS_NAME_BIN, variant))
     try:
         # Lazy: huggingface_hub is only needed for hub ids (it is not a core dependency).
         from huggingface_hub import snapshot_download
@@ -425,11 +420,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
-    """A legacy torch pickle checkpoint; imports torch lazily (never at module import)."""
-    import torch  # lazy and only for .bin files: importing this module never needs torch
-
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.detach().float().numpy() for k, v in sd.items()}
+    """A torch.save checkpoint, read without torch and without running pickled code."""
+    sd = torch_pickle.load(str(path))
+    return {k: np.asarray(v, np.float32) for k, v in sd.items() if isinstance(v, np.ndarray)}
 
 
 def _read_weights(folder: Path, variant: str | None) -> dict[str, np.ndarray]:
@@ -437,10 +430,9 @@ def _read_weights(folder: Path, variant: str | None) -> dict[str, np.ndarray]:
     if st.is_file():
         return _read_safetensors(st)
     binf = folder / _weights_name(WEIGHTS_NAME_BIN, variant)
-    if binf.is_file() and _torch_available():
+    if binf.is_file():
         return _read_bin(binf)
-    hint = f" ({binf.name} is there but reading it needs torch)" if binf.is_file() else ""
-    raise FileNotFoundError(f"VAE weights file {st.name} not found in {folder}{hint}.")
+    raise FileNotFoundError(f"VAE weights file {st.name} not found in {folder}.")
 
 
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
