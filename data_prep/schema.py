@@ -196,6 +196,44 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, field
 
 
+class _CountingReader(io.RawIOBase):
+    """Read-only stream wrapper that counts the bytes read (tarfile hides truncation)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.count = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def iter_tar_files(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """Yield (member name, bytes) of regular files in a tar read as a stream.
+
+    Raises tarfile.ReadError for a truncated tar, which tarfile alone reports as a normal
+    end when the cut falls inside or at a header: a complete tar ends with a zero block.
+    """
+    counter = _CountingReader(fileobj)
+    stream = io.BufferedReader(counter, buffer_size=1 << 20)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                f = tar.extractfile(member)
+                yield member.name, f.read() if f is not None else b""
+        end = tar.offset
+        while stream.read(1 << 20):
+            pass
+    if counter.count < end + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(
+            f"truncated tar: ends at byte {counter.count}, before its end block"
+        )
+
+
 def _decode_field(field: str, data: bytes, where: str) -> tuple[str, Any]:
     try:
         if field.endswith(".npy"):
@@ -251,25 +289,20 @@ def iter_shard_samples(
         return s
 
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, field = split_member_name(member.name)
-                where = f"shard {shard} sample {key!r}"
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                name, value = _decode_field(field, data, where)
-                if current is None or current[KEY_FIELD] != key:
-                    if current is not None:
-                        yield finish(current)
-                    if key in seen:
-                        raise SchemaError(f"{where}: members of this key are not adjacent")
-                    seen.add(key)
-                    current = {KEY_FIELD: key}
-                if name in current:
-                    raise SchemaError(f"{where}: duplicate field {field!r}")
-                current[name] = value
+        for member_name, data in iter_tar_files(fileobj):
+            key, field = split_member_name(member_name)
+            where = f"shard {shard} sample {key!r}"
+            name, value = _decode_field(field, data, where)
+            if current is None or current[KEY_FIELD] != key:
+                if current is not None:
+                    yield finish(current)
+                if key in seen:
+                    raise SchemaError(f"{where}: members of this key are not adjacent")
+                seen.add(key)
+                current = {KEY_FIELD: key}
+            if name in current:
+                raise SchemaError(f"{where}: duplicate field {field!r}")
+            current[name] = value
     except (tarfile.TarError, EOFError) as e:
         raise SchemaError(f"shard {shard}: unreadable tar: {e}") from e
     if current is not None:

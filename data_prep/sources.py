@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import storage
+from data_prep import schema, storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("caption", "text", "TEXT", "title")
@@ -175,16 +175,13 @@ class TarSource:
         current: dict[str, bytes] = {}
         key = None
         try:
-            with self.fs.open(self.tars[g], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = posixpath.basename(member.name)
+            with self.fs.open(self.tars[g], "rb") as f:
+                for member_name, data in schema.iter_tar_files(f):
+                    base = posixpath.basename(member_name)
                     if "." not in base or base.startswith("."):
                         continue
-                    mkey = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
+                    mkey = posixpath.join(posixpath.dirname(member_name), base.split(".", 1)[0])
                     ext = base.split(".", 1)[1].lower()
-                    data = tar.extractfile(member).read()
                     if mkey != key and current:
                         yield self._sample(name, key, current)
                         current = {}
