@@ -68,7 +68,7 @@ def decode_image(
     except UnidentifiedImageError as e:
         raise ImageSkip("corrupt_image", str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
         raise ImageSkip(reason, str(e)) from e
     return from_pil(img, min_size)
 

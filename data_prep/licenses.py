@@ -102,7 +102,7 @@ def normalise(raw: Any) -> str | None:
         return _cc_id(code.split("-"))
     text = re.sub(r"\s+", " ", text.replace("_", " ")).strip(" .")
     text = re.sub(r"\b(license|licence)\b", "", text).strip()
-    text = re.sub(r"\s*\d+(\.\d+)?\s*(international|generic|unported)?$", "", text).strip()
+    text = re.sub(r"[\s-]+\d+(\.\d+)?\s*(international|generic|unported)?$", "", text).strip()
     if text in _NAMES:
         return _NAMES[text]
     if text.startswith("cc0"):

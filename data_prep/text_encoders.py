@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from typing import Any
 
@@ -39,6 +41,15 @@ def parse_spec(value: str) -> TextEncoderSpec:
     return TextEncoderSpec(name, kind, model)
 
 
+def _has_normalize(model: str) -> bool:
+    """True if a local sentence-transformers folder ends with a Normalize module."""
+    path = os.path.join(model, "modules.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return any(m.get("type", "").endswith(".Normalize") for m in json.load(f))
+
+
 class TextEncoder:
     """A loaded encoder that maps a list of strings to named fp16/uint8 arrays."""
 
@@ -71,6 +82,7 @@ class TextEncoder:
         else:
             self.max_length = min(limit, max_length or 256)
         self.hidden = cfg.hidden_size if spec.kind != "t5" else cfg.d_model
+        self.normalize = spec.kind == "sentence" and _has_normalize(spec.model)
         self.proj = getattr(cfg, "projection_dim", None)
 
     def arrays(self) -> dict[str, ArraySpec]:
@@ -93,6 +105,7 @@ class TextEncoder:
             "kind": self.spec.kind,
             "model": self.spec.model,
             "max_length": self.max_length,
+            "normalize": self.normalize,
             "arrays": sorted(self.arrays()),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
         }
@@ -117,6 +130,8 @@ class TextEncoder:
         if self.spec.kind == "sentence":
             m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            if self.normalize:
+                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
             result[f"{n}_pooled"] = pooled
         if self.spec.kind == "t5" or self.clip_tokens:
             result[f"{n}_tokens"] = out.last_hidden_state

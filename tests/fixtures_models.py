@@ -180,6 +180,8 @@ def _llava(path: Path) -> None:
     )
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
+    # A random model may stop at once; never generating specials keeps test captions non-empty.
+    model.generation_config.suppress_tokens = [tok.convert_tokens_to_ids(t) for t in SPECIALS]
     model.save_pretrained(path)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}

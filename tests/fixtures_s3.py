@@ -149,8 +149,8 @@ def start_weed(workdir: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, 
         *[f"-{k}={v}" for k, v in ports.items()],
     ]
     (workdir / "data").mkdir(exist_ok=True)
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    with open(workdir / "weed.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", BUCKET, ACCESS_KEY, SECRET_KEY)
     deadline = time.monotonic() + timeout
     last_error = "port closed"

@@ -17,6 +17,8 @@ from data_prep import licenses
         ("Public Domain Mark", "pdm"),
         ("public domain mark 1.0", "pdm"),
         ("CC0 1.0 Universal", "cc0"),
+        ("CC0", "cc0"),
+        ("cc-by-sa 3.0 unported", "cc-by-sa"),
         ("Attribution License", "cc-by"),
         ("Attribution-ShareAlike License", "cc-by-sa"),
         ("Attribution-NonCommercial-ShareAlike License", "cc-by-nc-sa"),

@@ -94,7 +94,7 @@ def test_truncated_and_pickled_shards_are_rejected():
         info = tarfile.TarInfo("k.obj.npy")
         info.size = len(buf.getvalue())
         tar.addfile(info, io.BytesIO(buf.getvalue()))
-    with pytest.raises(schema.SchemaError, match="cannot decode field 'obj.npy'"):
+    with pytest.raises(schema.SchemaError, match=r"cannot decode field 'obj\.npy'"):
         list(schema.iter_shard_samples(raw.getvalue(), "p"))
 
 
