@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.print_report(bench.run(s, ns.benchmark_images))
             return 0
         result = pipeline.run(s)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         # Pre-flight errors (bad settings, missing input, unreachable S3) end here, clearly.
         print(f"error: {err}", file=sys.stderr)
         return 2
