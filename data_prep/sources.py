@@ -188,7 +188,10 @@ class TarSource:
                     key = mkey
                     current[ext] = data
         except (tarfile.TarError, EOFError, OSError) as e:
-            # The sample being read when the tar broke is lost; earlier ones are kept.
+            # Every member of `current` was read whole; the broken one may be its last field
+            # or the next sample's first, so keep `current` if it has its image.
+            if any(ext in current for ext in ("jpg", "jpeg", "png", "webp")):
+                yield self._sample(name, key, current)
             yield ReadFailure("truncated_input_tar", f"{name}: {e}")
             return
         if current:

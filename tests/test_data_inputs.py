@@ -1,0 +1,124 @@
+"""Input formats: img2dataset tars (incl. truncated), parquet/JSONL tables, tfds data_source."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from fixtures_images import png_bytes, random_rgb
+from PIL import Image
+from test_data_pipeline import read_dataset, reference_crop, settings
+
+from data_prep import pipeline, sources
+
+
+def _img2dataset_tar(path, start, n, license="CC BY-SA 4.0"):
+    """An img2dataset-style tar: {key}.jpg/.txt/.json; returns the pixel arrays."""
+    arrays = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(start, start + n):
+            key = f"{i:09d}"
+            a = random_rgb(40, 44, i)
+            arrays.append(a)
+            meta = {"url": f"http://img/{i}", "caption": f"c{i}", "license": license, "key": key}
+            for ext, data in (
+                ("png", png_bytes(Image.fromarray(a))),
+                ("txt", f"a photo of a dog {i}".encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return arrays
+
+
+def test_img2dataset_tars_with_a_truncated_one(tiny_models, tmp_path):
+    inp = tmp_path / "tars"
+    inp.mkdir()
+    arrays = _img2dataset_tar(inp / "00000.tar", 0, 3)
+    _img2dataset_tar(inp / "00001.tar", 3, 3)
+    full = (inp / "00001.tar").read_bytes()
+    with tarfile.open(inp / "00001.tar") as tar:
+        cut = tar.getmember("000000004.png").offset_data + 100
+    # Cut inside the 2nd sample's image: sample 3 survives, 4 is lost, 5 never read.
+    (inp / "00001.tar").write_bytes(full[:cut])
+    (inp / "00000.parquet").write_bytes(b"img2dataset side files are ignored")
+    pipeline.run(settings(tiny_models, inp, tmp_path / "out", vae="pixel"))
+    m, samples = read_dataset(tmp_path / "out")
+    assert [s.name for s in m.shards] == ["00000-0000", "00000-0001", "00001-0000"]
+    assert [s["json"]["source"] for s in samples] == [
+        "00000.tar/000000000", "00000.tar/000000001", "00000.tar/000000002", "00001.tar/000000003",
+    ]  # fmt: skip
+    assert m.skipped == {"truncated_input_tar": 1}
+    assert m.licenses == {"cc-by-sa": 4}
+    assert samples[1]["caption"] == "a photo of a dog 1"
+    assert samples[1]["json"]["url"] == "http://img/1"
+    assert samples[1]["json"]["source_meta"]["key"] == "000000001"
+    np.testing.assert_allclose(samples[2]["latent_mean"], reference_crop(arrays[2]), atol=1e-3)
+
+
+def _table_rows(root):
+    (root / "imgs").mkdir(parents=True)
+    rows, arrays = [], []
+    for i in range(3):
+        a = random_rgb(36, 36, 10 + i)
+        arrays.append(a)
+        Image.fromarray(a).save(root / "imgs" / f"{i}.png")
+        row = {"image": f"imgs/{i}.png", "caption": f"tree {i}", "license": 9, "url": f"u{i}"}
+        rows.append(row)
+    rows.append({"image": "imgs/missing.png", "caption": "gone", "license": 9, "url": "u9"})
+    return rows, arrays
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_table_input(tiny_models, tmp_path, fmt):
+    rows, arrays = _table_rows(tmp_path / "data")
+    table = tmp_path / "data" / f"meta.{fmt}"
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), table)
+    else:
+        table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pipeline.run(settings(tiny_models, table, tmp_path / "out", vae="pixel", shard_size=10))
+    m, samples = read_dataset(tmp_path / "out")
+    assert m.skipped == {"missing_image_file": 1} and m.licenses == {"cc0": 3}
+    assert [s["caption"] for s in samples] == ["tree 0", "tree 1", "tree 2"]
+    assert samples[0]["json"]["url"] == "u0" and samples[0]["json"]["license_raw"] == "9"
+    np.testing.assert_allclose(samples[1]["latent_mean"], reference_crop(arrays[1]), atol=1e-3)
+
+
+def test_tfds_data_source(tiny_models, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        ref = tfds.data_source("beans", split="train")
+        first, label = ref[0]["image"], ref[0]["label"]
+        s = settings(
+            tiny_models,
+            "tfds:beans",
+            tmp_path / "out",
+            vae="pixel",
+            caption_column="label",
+            licenses="any",
+            shard_size=10,
+        )
+        pipeline.run(s)
+    m, samples = read_dataset(tmp_path / "out")
+    assert m.num_samples == 3 and m.licenses == {"unknown": 3}
+    assert samples[0]["json"]["source"] == "beans[0]"
+    assert samples[0]["caption"] == str(label)
+    np.testing.assert_allclose(samples[0]["latent_mean"], reference_crop(first), atol=1e-3)
+
+
+def test_source_errors_are_clear(tmp_path):
+    with pytest.raises(sources.SourceError, match="input path not found"):
+        sources.open_source(str(tmp_path / "none"), "auto", 10)
+    with pytest.raises(sources.SourceError, match="input path not found"):
+        sources.open_source(str(tmp_path / "t.parquet"), "auto", 10)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
+    with pytest.raises(sources.SourceError, match="no image column"):
+        sources.open_source(str(tmp_path / "t.jsonl"), "auto", 10)
+    with pytest.raises(sources.SourceError, match="not readable"):
+        sources.open_source("tfds:no_such_dataset_xyz", "auto", 10)
