@@ -63,13 +63,28 @@ def test_wrong_secret_and_missing_bucket_are_clear(tiny_models, tmp_path, s3_env
     assert "wrong-secret" not in str(e.value)
 
 
-def test_cli_on_s3_never_prints_the_secret(tmp_path, s3_server):
+def test_cli_on_s3_never_prints_the_secret(tiny_models, tmp_path, s3_server):
     write_image_folder(tmp_path / "in", 2)
     env = {**os.environ, **s3_server.env()}
-    cmd = [sys.executable, "-m", "data_prep.encode", str(tmp_path / "in"),
-           s3_server.url("cli/out"), "--vae", "pixel", "--text-encoder",
-           f"sentence={tmp_path / 'missing-model'}", "--no-progress", "--resolution", "16",
-           "--min-size", "8"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0  # the model path does not exist: fails after S3 checks passed
+    out = s3_server.url("cli/out")
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.encode",
+        str(tmp_path / "in"),
+        out,
+        "--vae",
+        "pixel",
+        "--text-encoder",
+        f"clip={tiny_models.clip}",
+        "--resolution",
+        "16",
+        "--min-size",
+        "8",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "manifest: 2 samples in 1 shards" in r.stdout
+    assert "img/s" in r.stderr  # the progress bar shows the rate
     assert s3_server.secret_key not in r.stdout + r.stderr
+    assert s3_server.access_key not in r.stdout + r.stderr
