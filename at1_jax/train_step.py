@@ -142,13 +142,9 @@ def make_train_step(
     base_key = jax.random.key(cfg.seed)
     schedule = learning_rate(cfg.optim, cfg.steps)
 
-    def loss_fn(params, buffers, x, text, key):
-        k_obj, k_drop = jax.random.split(key)
-        inputs = training_targets(k_obj, x, text, objective)
+    def loss_fn(params, buffers, x_noisy, sigma, text, x, k_drop):
         model = nnx.merge(graphdef, params, buffers)
-        pred = model(
-            inputs.x_noisy, inputs.sigma, inputs.text, dropout_key=k_drop if use_dropout else None
-        )
+        pred = model(x_noisy, sigma, text, dropout_key=k_drop if use_dropout else None)
         return x0_loss(pred, x)
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -161,18 +157,21 @@ def make_train_step(
             x = x + batch["latent_std"].astype(jnp.float32) * eps
         x = x * latent_scale
         text = batch["text"].astype(jnp.float32)
+        # Noise for the whole batch at once: accumulation changes only the summation order.
+        inputs = training_targets(jax.random.fold_in(key, _OBJECTIVE), x, text, objective)
+        k_drop = jax.random.fold_in(key, _DROPOUT)
         params, buffers = state["params"], state["buffers"]
-        k_obj = jax.random.fold_in(key, _OBJECTIVE)
+        args = (inputs.x_noisy, inputs.sigma, inputs.text, x)
         if accum == 1:
-            loss, grads = grad_fn(params, buffers, x, text, k_obj)
+            loss, grads = grad_fn(params, buffers, *args, k_drop)
         else:
-            batch_spec = spec.batch.spec
-            xs = _micro_batches(x, accum, spec.mesh, batch_spec)
-            ts = _micro_batches(text, accum, spec.mesh, batch_spec)
+            micro = [_micro_batches(a, accum, spec.mesh, spec.batch.spec) for a in args]
 
             def body(carry, i):
                 loss_sum, grad_sum = carry
-                loss, grads = grad_fn(params, buffers, xs[i], ts[i], jax.random.fold_in(k_obj, i))
+                loss, grads = grad_fn(
+                    params, buffers, *(m[i] for m in micro), jax.random.fold_in(k_drop, i)
+                )
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)

@@ -1,0 +1,29 @@
+"""A CPU-sized run: the TLD test-size denoiser on a small dataset, 4 fake devices."""
+
+import dataclasses
+
+from at1_jax.config import (
+    CheckpointConfig,
+    DataConfig,
+    LogConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+)
+from at1_jax.diffusion import ObjectiveConfig
+from at1_jax.presets import PRESETS
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="cpu",
+        run_dir="runs/cpu",
+        steps=500,
+        model=dataclasses.replace(PRESETS["tld-tiny"], latent_size=16, depth=3),
+        objective=ObjectiveConfig(beta_a=1.0, beta_b=2.5, cfg_drop=0.15),
+        data=DataConfig(path="data/cpu", batch_size=32, shuffle_shards=2),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, clip_norm=1.0, ema_decay=0.99),
+        mesh=MeshConfig(data=-1, fsdp=2),
+        checkpoint=CheckpointConfig(every=100, keep=2),
+        log=LogConfig(every=10, sample_every=250, sample_steps=20, num_samples=8),
+    )
