@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from typing import Any
 
 DEFAULT_ALLOWED = ("cc0", "pdm", "cc-by", "cc-by-sa")
@@ -170,18 +169,3 @@ def decide(meta: dict[str, Any], allowed: frozenset[str] | None) -> Decision:
     if lic not in allowed:
         return Decision(lic, raw_text, "license_not_allowed")
     return Decision(lic, raw_text, None)
-
-
-@dataclasses.dataclass
-class LicenseCounts:
-    """Kept samples per license and rejected samples per license id."""
-
-    kept: Counter = dataclasses.field(default_factory=Counter)
-    rejected: Counter = dataclasses.field(default_factory=Counter)
-
-    def add(self, d: Decision) -> None:
-        """Count one decision."""
-        if d.reject_reason is None:
-            self.kept[d.license] += 1
-        else:
-            self.rejected[d.license or d.reject_reason] += 1

@@ -34,7 +34,7 @@ class RunResult:
     manifest: schema.Manifest | None
 
 
-def preflight(s: EncodeSettings) -> sources.FolderSource:
+def preflight(s: EncodeSettings):
     """Every check that can fail before work starts: settings, endpoints, input, prompts."""
     s.validate()
     for url in (s.input, s.output, s.val_prompts or ""):
@@ -178,9 +178,7 @@ def run(s: EncodeSettings) -> RunResult:
                 if records.shard_done(s.output, name):
                     resumed.append(name)
                     return
-                samples, counts = encoder.encode(items, g, chunk)
-                for smp in samples:
-                    smp["__key__"] = f"{name.replace('-', '_')}_{smp['__key__']}"
+                samples, counts = encoder.encode(items, g, chunk, name.replace("-", "_"))
                 _publish_shard(s.output, name, samples, counts, tmp)
                 written.append(name)
                 n_images += len(items)

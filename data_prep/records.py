@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 from collections import Counter
 from typing import Any
 
@@ -76,10 +77,10 @@ def shard_done(root: str, name: str) -> bool:
 
 def group_shards(root: str, groups: list[int]) -> list[str]:
     """Shard names of finished groups, from their completion records."""
+    urls = [storage.join(root, group_done_path(g)) for g in groups]
     names = []
-    for g in groups:
-        done = read_json(storage.join(root, group_done_path(g)))
-        names += [shard_name(g, c) for c in range(done["chunks"])]
+    for g, data in zip(groups, storage.read_many(urls), strict=True):
+        names += [shard_name(g, c) for c in range(json.loads(data)["chunks"])]
     return names
 
 
@@ -91,8 +92,8 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
     """Build manifest.json from run.json and all shard records; IncompleteError if unfinished."""
     run = read_json(storage.join(root, RUN_FILE))
     groups = range(run["num_groups"])
-    done_urls = [storage.join(root, group_done_path(g)) for g in groups]
-    missing = [g for g, u in zip(groups, done_urls, strict=True) if not storage.exists(u)]
+    done = {posixpath.basename(u) for u in storage.list_files(storage.join(root, "parts"))}
+    missing = [g for g in groups if posixpath.basename(group_done_path(g)) not in done]
     if missing:
         raise IncompleteError(
             f"{len(missing)} of {len(groups)} input groups not finished (first: {missing[:5]})"
@@ -101,8 +102,9 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
     totals = {k: Counter() for k in ("skipped", "repaired", "licenses", "license_rejected")}
     totals["caption_origins"] = Counter()
     shards = []
-    for name in names:
-        rec = ShardRecord(**read_json(storage.join(root, record_path(name))))
+    urls = [storage.join(root, record_path(name)) for name in names]
+    for data in storage.read_many(urls):
+        rec = ShardRecord(**json.loads(data))
         for k, c in totals.items():
             c.update(getattr(rec, k))
         if rec.num_samples > 0:

@@ -110,8 +110,10 @@ class ChunkEncoder:
                 continue
             yield index, item, decision
 
-    def encode(self, items: list, group: int, chunk: int) -> tuple[list[dict], ChunkCounts]:
-        """Samples (schema dicts) of a chunk and its counts."""
+    def encode(
+        self, items: list, group: int, chunk: int, key_prefix: str
+    ) -> tuple[list[dict], ChunkCounts]:
+        """Samples (schema dicts, keys ``{key_prefix}_{item index}``) of a chunk and counts."""
         counts = ChunkCounts()
         samples: list[dict] = []
         batch: list[Prepared] = []
@@ -124,10 +126,12 @@ class ChunkEncoder:
             else:
                 batch.append(result)
             if len(batch) == self.s.batch_size:
-                samples += self._encode_batch(batch, counts, seed_for(self.s.seed, group, chunk, n))
+                seed = seed_for(self.s.seed, group, chunk, n)
+                samples += self._encode_batch(batch, counts, seed, key_prefix)
                 batch = []
         if batch:
-            samples += self._encode_batch(batch, counts, seed_for(self.s.seed, group, chunk, -1))
+            seed = seed_for(self.s.seed, group, chunk, -1)
+            samples += self._encode_batch(batch, counts, seed, key_prefix)
         for smp in samples:
             counts.licenses[smp["json"]["license"]] += 1
             counts.caption_origins[smp["json"]["caption_origin"]] += 1
@@ -149,7 +153,9 @@ class ChunkEncoder:
                 generated[i] = t or None
         return generated
 
-    def _encode_batch(self, batch: list[Prepared], counts: ChunkCounts, seed: int) -> list[dict]:
+    def _encode_batch(
+        self, batch: list[Prepared], counts: ChunkCounts, seed: int, key_prefix: str
+    ) -> list[dict]:
         generated = self._captions(batch, seed)
         keep, captions, origins = [], [], []
         for p, gen in zip(batch, generated, strict=True):
@@ -171,11 +177,11 @@ class ChunkEncoder:
             if not all(np.isfinite(a).all() for a in sample_arrays.values()):
                 counts.skipped["nonfinite_output"] += 1
                 continue
-            sample: dict[str, Any] = {"__key__": "", **sample_arrays, "caption": captions[i]}
+            key = f"{key_prefix}_{p.index:05d}"
+            sample: dict[str, Any] = {"__key__": key, **sample_arrays, "caption": captions[i]}
             if self.s.caption == "both" and p.item.caption is not None:
                 sample["original_caption"] = p.item.caption
             sample["json"] = self._meta(p, origins[i])
-            sample["__key__"] = f"{p.index:05d}"  # completed with group/chunk by the caller
             out.append(sample)
         return out
 

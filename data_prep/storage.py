@@ -100,12 +100,23 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_many(urls: list[str]) -> list[bytes]:
+    """Contents of many files, fetched concurrently on S3 (s3fs batches ``cat``)."""
+    if not urls:
+        return []
+    fs, _ = get_fs(urls[0])
+    paths = [get_fs(u)[1] for u in urls]
+    found = fs.cat(paths)
+    return [found[p] for p in paths]
+
+
 def list_files(url: str, pattern: str = "*") -> list[str]:
     """Sorted full paths/URLs of files matching a glob pattern inside a folder."""
     fs, path = get_fs(url)
-    found = fs.glob(posixpath.join(path, pattern) if is_s3(url) else os.path.join(path, pattern))
+    sep = "/" if is_s3(url) else os.sep
+    found = fs.glob(path + sep + pattern, detail=True)  # one listing, no per-file requests
     prefix = "s3://" if is_s3(url) else ""
-    return sorted(prefix + p for p in found if not fs.isdir(p))
+    return sorted(prefix + p for p, info in found.items() if info.get("type") == "file")
 
 
 def put_file(local_path: str, url: str) -> None:

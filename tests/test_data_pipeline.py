@@ -228,10 +228,10 @@ def test_crash_midway_keeps_finished_shards(tiny_models, tmp_path, monkeypatch):
     s = settings(tiny_models, tmp_path / "in", tmp_path / "out")
     real = shard_job.ChunkEncoder.encode
 
-    def flaky(self, items, group, chunk):
+    def flaky(self, items, group, chunk, key_prefix):
         if group == 1:
             raise RuntimeError("simulated out-of-memory")
-        return real(self, items, group, chunk)
+        return real(self, items, group, chunk, key_prefix)
 
     monkeypatch.setattr(shard_job.ChunkEncoder, "encode", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
