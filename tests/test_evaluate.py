@@ -1,0 +1,183 @@
+"""The evaluation CLI with tiny models: FID and CLIP score against independent recomputation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import make_tokenizer
+from PIL import Image
+from test_sample import save_tiny_denoiser
+
+from at1_jax import evaluate, metrics
+
+CAPTIONS = ["a red square", "a blue circle", "a small dog", "a large tree", "a cat", "the sky"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIPModel (text + vision) with tokenizer and image processor, saved offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = tmp_path_factory.mktemp("clip_full")
+    tok = make_tokenizer()
+    torch.manual_seed(5)
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """A COCO captions file and 6 non-square reference images (ids deliberately unsorted)."""
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for k, caption in enumerate(CAPTIONS):
+        image_id = 100 - k
+        name = f"img_{image_id}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(
+            root / "images" / name
+        )
+        images.append({"id": image_id, "file_name": name})
+        annotations.append({"image_id": image_id, "caption": caption})
+        annotations.append({"image_id": image_id, "caption": "second caption, not used"})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def tiny_features(imgs: np.ndarray) -> np.ndarray:
+    """A fixed random 8-d projection of 4×4 average-pooled pixels: a stand-in for Inception."""
+    x = imgs.astype(np.float64) / 255.0
+    n, h, w, c = x.shape
+    pooled = x.reshape(n, 4, h // 4, 4, w // 4, c).mean(axis=(2, 4)).reshape(n, -1)
+    proj = np.random.default_rng(42).standard_normal((pooled.shape[1], 8))
+    return pooled @ proj
+
+
+def _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, *extra):
+    return [
+        "--checkpoint", ckpt,
+        "--captions", str(coco / "captions.json"),
+        "--images", str(coco / "images"),
+        "--num-images", "6",
+        "--guidance", "1,6",
+        "--steps", "2",
+        "--batch-size", "4",
+        "--chunk", "4",  # two chunks per guidance value: exercises running statistics
+        "--text-encoder", f"clip={tiny_models.clip}",
+        "--vae", tiny_models.vae,
+        "--clip-model", tiny_clip,
+        "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(tmp_path / "out"),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_sweep_report_matches_independent_metrics(tmp_path, tiny_models, tiny_clip, coco):
+    ckpt = save_tiny_denoiser(tmp_path / "w")
+    argv = _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, "--save-images")
+    assert evaluate.main(argv, feature_extractor=tiny_features) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["guidance"] for r in report["rows"]] == [1.0, 6.0]
+    assert report["num_images"] == 6 and report["image_size"] == 64
+
+    # Recompute both metrics from the saved PNGs with independent code paths.
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tok, proc = (
+        AutoTokenizer.from_pretrained(tiny_clip),
+        AutoImageProcessor.from_pretrained(tiny_clip),
+    )
+    ids = sorted(range(6), key=lambda k: 100 - k)  # COCO order: by image id
+    captions = [CAPTIONS[k] for k in ids]
+    refs = np.stack(
+        [evaluate.load_reference(str(coco / "images" / f"img_{100 - k}.png"), 64) for k in ids]
+    )
+    ref_stats = metrics.feature_stats(tiny_features(refs))
+    fids = []
+    for row in report["rows"]:
+        gen = np.stack(
+            [
+                np.asarray(Image.open(tmp_path / "out" / f"g{row['guidance']:g}" / f"{i:05d}.png"))
+                for i in range(6)
+            ]
+        )
+        want_fid = metrics.frechet_distance(*metrics.feature_stats(tiny_features(gen)), *ref_stats)
+        # Same float64 statistics, merged by batches vs at once: equal to ~1e-12 relative.
+        assert row["fid"] == pytest.approx(want_fid, rel=1e-9, abs=1e-9)
+        fids.append(row["fid"])
+        with torch.no_grad():
+            inputs = tok(captions, padding=True, return_tensors="pt")
+            pixels = proc(images=list(gen), return_tensors="pt")["pixel_values"]
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=pixels,
+            )
+            cos = torch.diagonal(out.logits_per_image).numpy() / model.logit_scale.exp().item()
+        # logits = exp(logit_scale)·cos in fp32: recovering cos costs a few ulp.
+        assert row["clip_score"] == pytest.approx(np.mean(100 * np.maximum(cos, 0)), abs=1e-4)
+    assert fids[0] != fids[1]  # guidance changes the images
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
+    assert grid.shape == (2 + 2 * 66, 2 + 6 * 66, 3)  # a row of 6 images per guidance value
+
+
+def test_fid_of_the_reference_set_with_itself_is_zero(coco):
+    files = [str(p) for p in sorted((coco / "images").iterdir())]
+    a = evaluate.reference_stats(files, 32, tiny_features, chunk=4)
+    b = evaluate.reference_stats(files[::-1], 32, tiny_features, chunk=5)
+    assert abs(metrics.frechet_distance(*a, *b)) < 1e-9
+
+
+def test_missing_weights_are_all_named_before_any_work(tmp_path, tiny_models, coco, capsys):
+    ckpt = save_tiny_denoiser(tmp_path / "w")
+    argv = _argv(tmp_path, tiny_models, str(tmp_path / "no_clip"), coco, ckpt)
+    argv += [
+        "--inception-weights",
+        str(tmp_path / "weights" / "pt_inception-2015-12-05-6726825d.pth"),
+    ]
+    argv[argv.index("--vae") + 1] = str(tmp_path / "no_vae")
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "pt_inception-2015-12-05-6726825d.pth" in err and "github.com/mseitzer/pytorch-fid" in err
+    )
+    assert str(tmp_path / "weights") in err
+    assert "CLIP model folder" in err and "no_clip" in err
+    assert "VAE folder" in err and "no_vae" in err
+    assert not (tmp_path / "out").exists()
+
+    argv = _argv(
+        tmp_path, tiny_models, "openai/clip-vit-large-patch14", coco, str(tmp_path / "nockpt")
+    )
+    assert evaluate.main([*argv, "--metrics", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "nockpt" in err and "openai/clip-vit-large-patch14" in err and "pt_inception" not in err
