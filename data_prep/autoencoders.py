@@ -9,7 +9,6 @@ import torch
 
 from data_prep.schema import LATENT_MEAN, LATENT_SAMPLE, LATENT_STD, ArraySpec
 
-DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
 PIXEL = "pixel"
 
 

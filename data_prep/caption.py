@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
-DEFAULT_PROMPT = "describe this image in a highly detailed manner"
-MODES = ("off", "all", "missing", "both")
+from data_prep.settings import DEFAULT_CAPTIONER, DEFAULT_PROMPT
 
 
 @dataclasses.dataclass(frozen=True)

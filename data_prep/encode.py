@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ns = build_parser().parse_args(argv)
     s = settings_from_args(ns)
+    try:
+        s.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from data_prep import pipeline  # torch loads here, after argument errors are reported
 
     try:

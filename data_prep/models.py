@@ -10,8 +10,8 @@ import torch
 from data_prep.autoencoders import latent_arrays, load_autoencoder
 from data_prep.caption import Captioner, CaptionSettings
 from data_prep.schema import ArraySpec
-from data_prep.settings import EncodeSettings
-from data_prep.text_encoders import TextEncoder, parse_spec
+from data_prep.settings import EncodeSettings, parse_spec
+from data_prep.text_encoders import TextEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
-from data_prep.autoencoders import DEFAULT_VAE
-from data_prep.caption import DEFAULT_CAPTIONER, DEFAULT_PROMPT, MODES
 from data_prep.images import DEFAULT_MAX_PIXELS
 from data_prep.licenses import DEFAULT_ALLOWED, parse_allowed
-from data_prep.text_encoders import DEFAULT_TEXT_ENCODER, parse_spec
+
+# Torch-free on purpose: the CLI reports argument errors before torch is imported.
+DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
+DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_PROMPT = "describe this image in a highly detailed manner"
+CAPTION_MODES = ("off", "all", "missing", "both")
+DEFAULT_TEXT_ENCODER = "clip=openai/clip-vit-large-patch14"
+KINDS = ("clip", "t5", "sentence")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderSpec:
+    """One --text-encoder value: ``[name:]kind=model`` (name defaults to the kind)."""
+
+    name: str
+    kind: str
+    model: str
+
+
+def parse_spec(value: str) -> TextEncoderSpec:
+    """Parse ``[name:]kind=model``, e.g. ``clip=openai/clip-vit-large-patch14``."""
+    head, sep, model = value.partition("=")
+    if not sep or not model:
+        raise ValueError(f"--text-encoder {value!r}: expected [name:]kind=model")
+    name, _, kind = head.rpartition(":")
+    name = name or kind
+    if kind not in KINDS:
+        raise ValueError(f"--text-encoder {value!r}: kind must be one of {', '.join(KINDS)}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"--text-encoder {value!r}: name must match {_NAME_RE.pattern}")
+    return TextEncoderSpec(name, kind, model)
+
 
 # Settings that only change how fast or where a run goes, not what it writes.
 RUNTIME_ONLY = (
@@ -63,8 +94,8 @@ class EncodeSettings:
 
     def validate(self) -> None:
         """Raise ValueError for any inconsistent setting, before anything is loaded."""
-        if self.caption not in MODES:
-            raise ValueError(f"--caption must be one of {MODES}")
+        if self.caption not in CAPTION_MODES:
+            raise ValueError(f"--caption must be one of {CAPTION_MODES}")
         if self.latent not in ("mean_std", "sample"):
             raise ValueError("--latent must be mean_std or sample")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):

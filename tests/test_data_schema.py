@@ -143,10 +143,17 @@ def test_verify_shard_bytes():
         schema.verify_shard_bytes(data[:-1] + b"\1", info)
 
 
-def test_schema_imports_without_torch_or_webdataset():
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("data_prep.schema", ("torch", "webdataset", "PIL", "transformers")),
+        ("data_prep.encode", ("torch", "transformers", "diffusers")),  # fast --help and errors
+    ],
+)
+def test_light_imports(module, forbidden):
     code = (
-        "import sys, data_prep, data_prep.schema; "
-        "bad = [m for m in ('torch', 'webdataset', 'PIL', 'transformers') if m in sys.modules]; "
+        f"import sys, data_prep, {module}; "
+        f"bad = [m for m in {forbidden!r} if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
