@@ -1,6 +1,7 @@
 """Benchmarks that print figures (never asserted in tests).
 
 python -m at1_jax.bench model --presets tld-tiny,at1 --batch 32
+python -m at1_jax.bench sample --presets at1 --batch 16 --steps 15
 """
 
 from __future__ import annotations
@@ -79,6 +80,70 @@ def bench_model(cfg: DenoiserConfig, batch: int, steps: int, time_it: bool = Tru
     return out
 
 
+# SDXL's VAE decoder layout (madebyollin/sdxl-vae-fp16-fix has the same shapes).
+SDXL_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.13025,
+}
+
+
+def bench_sample(cfg: DenoiserConfig, batch: int, steps: int, guidance: float = 6.0) -> dict:
+    """Generation: seconds per batch of guided DPM++(2M) denoising and of VAE decoding.
+
+    Random weights for both (no real ones on this machine): the timing depends only on shapes.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from at1_jax.sample import Denoising
+    from at1_jax.sampling import SamplerConfig
+    from at1_jax.vae import VAEConfig, VAEDecoder
+
+    denoising = Denoising(Denoiser(cfg, nnx.Rngs(0)), batch)
+    sampler = SamplerConfig(steps=steps, guidance=guidance)
+    text = np.random.default_rng(0).standard_normal((batch, cfg.text_dim)).astype(np.float32)
+    seeds = list(range(batch))
+    t0 = time.perf_counter()
+    x0 = denoising.latents(text, seeds, sampler)
+    out = {"denoise_first_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    x0 = denoising.latents(text, seeds, sampler)
+    out["denoise_s"] = time.perf_counter() - t0
+    vae = VAEDecoder(VAEConfig.from_dict(SDXL_VAE), rngs=nnx.Rngs(0))
+    z = jnp.asarray(x0 * 8.0)  # the references' latent scale
+    t0 = time.perf_counter()
+    jax.block_until_ready(vae.decode_to_images(z, uint8=True))
+    out["decode_first_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    imgs = jax.block_until_ready(vae.decode_to_images(z, uint8=True))
+    out["decode_s"] = time.perf_counter() - t0
+    out["image_shape"] = tuple(imgs.shape[1:])
+    out["images_per_s"] = batch / (out["denoise_s"] + out["decode_s"])
+    return out
+
+
+def _main_sample(args) -> int:
+    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind}")
+    print(f"batch={args.batch} steps={args.steps} guidance={args.guidance} (2x batch per call)")
+    print("decoder: SDXL-layout AutoencoderKL decoder with random weights (none available)")
+    head = f"{'preset':10} {'img/s':>7} {'denoise s':>9} {'decode s':>9} {'denoise %':>9}"
+    print(head + f" {'compile+1st dn':>14} {'compile+1st dec':>15} image")
+    for name in args.presets.split(","):
+        cfg = dataclasses.replace(get_preset(name), dtype=args.dtype)
+        r = bench_sample(cfg, args.batch, args.steps, args.guidance)
+        share = 100 * r["denoise_s"] / (r["denoise_s"] + r["decode_s"])
+        print(
+            f"{name:10} {r['images_per_s']:7.3f} {r['denoise_s']:9.2f} {r['decode_s']:9.2f} "
+            f"{share:9.0f} {r['denoise_first_s']:14.1f} {r['decode_first_s']:15.1f} "
+            f"{r['image_shape']}",
+            flush=True,
+        )
+    return 0
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -96,7 +161,15 @@ def main(argv=None) -> int:
     m.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     m.add_argument("--remat", action="store_true")
     m.add_argument("--flops-only", action="store_true", help="compile and count, do not time")
+    s = sub.add_parser("sample", help="generation images/s, split into denoising and decoding")
+    s.add_argument("--presets", default="at1")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--steps", type=int, default=15)
+    s.add_argument("--guidance", type=float, default=6.0)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
+    if args.what == "sample":
+        return _main_sample(args)
 
     device = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={device.device_kind} x{jax.device_count()}")

@@ -30,6 +30,7 @@ class DataConfig:
     path: str = ""  # dataset root (local or s3://) holding manifest.json
     batch_size: int = 32  # global, over all processes and micro-batches
     shuffle_shards: int = 4  # shards shuffled together (the shuffle buffer, in shards)
+    streams: int = 0  # reading streams that define the data order; 0 = one per process
     prefetch: int = 2  # batches read ahead by the background thread
     text_array: str = ""  # "" = the manifest's first *_pooled array
     latent_scale: float = 0.0  # 0 = auto: 1/8 for VAE latents (the reference), 1 for pixels
@@ -218,6 +219,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.batch_size >= 1, "data.batch_size", ">= 1")
     need(cfg.data.shuffle_shards >= 1, "data.shuffle_shards", ">= 1")
     need(cfg.data.prefetch >= 1, "data.prefetch", ">= 1")
+    need(cfg.data.streams >= 0, "data.streams", ">= 0 (0 = one per process)")
     need(cfg.data.latent_scale >= 0, "data.latent_scale", ">= 0 (0 = auto)")
     o = cfg.optim
     need(o.lr > 0, "optim.lr", "> 0")

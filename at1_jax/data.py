@@ -1,9 +1,12 @@
 """Streaming latent shards into global batches, deterministically and resumably.
 
-Each epoch the shard list is permuted from (seed, epoch) and dealt round-robin to the
-processes. A process reads its shards in blocks of `shuffle_shards`, shuffles the samples
-of a block from (seed, epoch, block), and yields them. A position (epoch, block, offset)
-names the next sample exactly, so a resumed run sees the samples it would have seen.
+The data order is defined by S reading streams (`data.streams`, default: one per process),
+not by the processes: each epoch the shard list is permuted from (seed, epoch) and dealt
+round-robin to the streams; a stream reads its shards in blocks of `shuffle_shards`,
+shuffles the samples of a block from (seed, epoch, block), and yields them. Stream s fills
+rows [s·B/S, (s+1)·B/S) of every global batch, and process p hosts streams p·S/P …, so the
+same S gives the same batches on any number of processes. A position (epoch, block, offset)
+per stream names the next sample exactly, so a resumed run sees what it would have seen.
 Shard bytes are checked against the manifest's size and sha256: a corrupt, truncated or
 half-written shard is skipped whole, with a warning, and counted.
 """
@@ -94,17 +97,17 @@ def open_dataset(root: str, text_array: str = "", latent_scale: float = 0.0) -> 
 
 
 class ShardStream:
-    """One process's endless, deterministic stream of samples."""
+    """One reading stream's endless, deterministic sequence of samples."""
 
-    def __init__(self, ds: Dataset, process_index: int, process_count: int, seed: int, block: int):
+    def __init__(self, ds: Dataset, index: int, count: int, seed: int, block: int):
         n = len(ds.manifest.shards)
-        if n < process_count:
+        if n < count:
             raise DataError(
-                f"{ds.root}: {n} shards for {process_count} processes; every process needs "
-                "at least one: write smaller shards (data_prep.encode --shard-size) or use "
-                "fewer processes"
+                f"{ds.root}: {n} shards for {count} reading streams (one per process unless "
+                "data.streams is set); every stream needs at least one: write smaller shards "
+                "(data_prep.encode --shard-size) or use fewer processes/streams"
             )
-        self.ds, self.index, self.count = ds, process_index, process_count
+        self.ds, self.index, self.count = ds, index, count
         self.seed, self.block_size = seed, block
         self.skipped_shards: dict[str, str] = {}
         self.fields = [ds.latent_name, ds.text_name] + ([schema.LATENT_STD] if ds.has_std else [])
@@ -146,7 +149,7 @@ class ShardStream:
             if samples is None:
                 if empty_epoch and block > 0:
                     raise DataError(
-                        f"{self.ds.root}: process {self.index} read no valid sample in epoch "
+                        f"{self.ds.root}: stream {self.index} read no valid sample in epoch "
                         f"{epoch}; skipped shards: {self.skipped_shards}"
                     )
                 epoch, block, offset, empty_epoch = epoch + 1, 0, 0, True
@@ -167,33 +170,55 @@ def _stack(samples: list[dict[str, np.ndarray]], ds: Dataset) -> dict[str, np.nd
     return batch
 
 
-class BatchReader:
-    """Local batches read ahead by a background thread; `position` is of what was taken."""
+def local_streams(
+    ds: Dataset, streams: int, seed: int, block: int, process: int, processes: int
+) -> list[ShardStream]:
+    """The streams process `process` of `processes` hosts (S/P consecutive ones)."""
+    if streams % processes:
+        raise DataError(f"data.streams={streams} is not a multiple of the {processes} processes")
+    per = streams // processes
+    return [
+        ShardStream(ds, i, streams, seed, block) for i in range(process * per, (process + 1) * per)
+    ]
 
-    def __init__(self, stream: ShardStream, local_batch: int, start: Position, prefetch: int):
-        self.stream, self.local_batch = stream, local_batch
-        self.position = start
+
+class BatchReader:
+    """Local batches read ahead by a background thread; `positions` are of what was taken.
+
+    Each local batch is the concatenation of `per_stream` samples from each hosted stream.
+    """
+
+    def __init__(self, streams, per_stream: int, start: list[Position], prefetch: int):
+        self.streams, self.per_stream = streams, per_stream
+        self.positions = list(start)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(list(start),), daemon=True)
         self._thread.start()
 
-    def _run(self, start: Position):
+    def _take(self, iterator, pos):
+        samples = []
+        for _ in range(self.per_stream):
+            sample, pos = next(iterator)
+            samples.append(sample)
+        return samples, pos
+
+    def _run(self, start: list[Position]):
         try:
-            samples, pos = [], start
-            for sample, pos in self.stream.iterate(start):
-                samples.append(sample)
-                if len(samples) == self.local_batch:
-                    item = (_stack(samples, self.stream.ds), pos)
-                    samples = []
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
+            iters = [s.iterate(p) for s, p in zip(self.streams, start, strict=True)]
+            positions = list(start)
+            while not self._stop.is_set():
+                samples = []
+                for i, it in enumerate(iters):
+                    taken, positions[i] = self._take(it, positions[i])
+                    samples += taken
+                item = (_stack(samples, self.streams[0].ds), list(positions))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
         except Exception as e:  # re-raised in the consumer's thread
             self._queue.put(e)
 
@@ -202,8 +227,12 @@ class BatchReader:
         item = self._queue.get()
         if isinstance(item, Exception):
             raise item
-        batch, self.position = item
+        batch, self.positions = item
         return batch
+
+    @property
+    def skipped_shards(self) -> dict[str, str]:
+        return {k: v for s in self.streams for k, v in s.skipped_shards.items()}
 
     def close(self):
         self._stop.set()

@@ -124,6 +124,15 @@ def train(cfg: config.TrainConfig) -> int:
             f"config.data.batch_size={cfg.data.batch_size} must be a multiple of the "
             f"data-parallel size {dp} × optim.grad_accum {cfg.optim.grad_accum}"
         )
+    streams = cfg.data.streams or jax.process_count()
+    if cfg.data.batch_size % streams:
+        raise config.ConfigError(
+            f"config.data.batch_size={cfg.data.batch_size} is not divisible by the {streams} "
+            "reading streams (data.streams, default one per process)"
+        )
+    hosted = data.local_streams(
+        ds, streams, cfg.seed, cfg.data.shuffle_shards, jax.process_index(), jax.process_count()
+    )
     primary = jax.process_index() == 0
     tx = train_step.make_optimizer(cfg.optim, cfg.steps)
     spec = train_step.state_spec(cfg, tx, mesh)
@@ -131,19 +140,21 @@ def train(cfg: config.TrainConfig) -> int:
         cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save
     )
     latest = ckpts.latest_step() if cfg.checkpoint.resume else None
-    positions = None
+    positions = [[0, 0, 0]] * streams
     if latest is not None:
         state, meta = ckpts.restore(latest, spec.abstract)
-        positions = meta.get("data_positions")
-        if positions and len(positions) != jax.process_count():
+        saved = meta.get("data_positions") or positions
+        if len(saved) == streams:
+            positions = saved
+        else:
+            epoch = max(p[0] for p in saved) + 1
             log.warning(
-                "checkpoint was written by %d processes, this run has %d: data order restarts "
-                "at the start of epoch %d",
-                len(positions),
-                jax.process_count(),
-                max(p[0] for p in positions) + 1,
+                "checkpoint has %d data streams, this run %d: data order restarts at epoch %d",
+                len(saved),
+                streams,
+                epoch,
             )
-            positions = [[max(p[0] for p in positions) + 1, 0, 0]] * jax.process_count()
+            positions = [[epoch, 0, 0]] * streams
         start = int(meta["step"])
     else:
         state = train_step.init_state(cfg, tx, spec, initial_model(cfg, spec))
@@ -152,12 +163,11 @@ def train(cfg: config.TrainConfig) -> int:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             f.write(config.to_json(cfg))
-    position = data.Position(*positions[jax.process_index()]) if positions else data.Position()
-    stream = data.ShardStream(
-        ds, jax.process_index(), jax.process_count(), cfg.seed, cfg.data.shuffle_shards
+    first_stream = hosted[0].index
+    start_positions = [data.Position(*positions[first_stream + i]) for i in range(len(hosted))]
+    reader = data.BatchReader(
+        hosted, cfg.data.batch_size // streams, start_positions, cfg.data.prefetch
     )
-    local_batch = cfg.data.batch_size // jax.process_count()
-    reader = data.BatchReader(stream, local_batch, position, cfg.data.prefetch)
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
     step_fn = jitted.lower(spec.abstract, first).compile()
@@ -177,8 +187,9 @@ def train(cfg: config.TrainConfig) -> int:
         },
     }
 
-    def save(step: int, data_position: data.Position):
-        rows = distributed.allgather_rows(dataclasses.astuple(data_position))
+    def save(step: int, data_positions: list[data.Position]):
+        flat = [v for p in data_positions for v in dataclasses.astuple(p)]
+        rows = [r[i : i + 3] for r in distributed.allgather_rows(flat) for i in range(0, len(r), 3)]
         ckpts.save(step, state, {**meta_base, "step": step, "data_positions": rows})
 
     def check(step: int, metrics: dict) -> dict:
@@ -198,7 +209,7 @@ def train(cfg: config.TrainConfig) -> int:
         while step < cfg.steps:
             state, metrics = step_fn(state, batch)
             step += 1
-            done_position = reader.position
+            done_position = reader.positions
             if pending is not None:
                 reporter.step(pending[0], check(pending[0], pending[1]))
             pending = (step, metrics, done_position)
@@ -223,10 +234,9 @@ def train(cfg: config.TrainConfig) -> int:
         if step == cfg.steps:
             export_ema(state, cfg, os.path.join(cfg.run_dir, "weights"))
             reporter.message(f"done: {step} steps; EMA weights in {cfg.run_dir}/weights")
-        if stream.skipped_shards:
-            log.warning(
-                "skipped %d corrupt shards: %s", len(stream.skipped_shards), stream.skipped_shards
-            )
+        if reader.skipped_shards:
+            skipped = reader.skipped_shards
+            log.warning("skipped %d corrupt shards: %s", len(skipped), skipped)
     except TrainingError as e:
         reporter.message(f"error: {e}")
         ckpts.wait()
