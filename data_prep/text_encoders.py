@@ -10,7 +10,11 @@ import numpy as np
 import torch
 
 from data_prep.schema import ArraySpec
-from data_prep.settings import TextEncoderSpec
+from data_prep.settings import (  # noqa: F401 - public names callers import from here
+    DEFAULT_TEXT_ENCODER,
+    TextEncoderSpec,
+    parse_spec,
+)
 
 
 def _has_normalize(model: str) -> bool:
