@@ -208,11 +208,9 @@ def embed_prompts(
 
 def _encode_to_cache(todo, kind, model, files, batch_size) -> None:
     # Lazy: the PyTorch side is only needed for prompts never seen before.
-    import torch
+    from data_prep.decode_torch import prompt_encoder
 
-    from data_prep.text_encoders import TextEncoder, TextEncoderSpec
-
-    enc = TextEncoder(TextEncoderSpec(kind, kind, model), "cpu", torch.float32)
+    enc = prompt_encoder(kind, model)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         pooled = enc.encode(chunk)[f"{kind}_pooled"]

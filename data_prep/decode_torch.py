@@ -1,7 +1,7 @@
-"""Decode raw VAE latents to uint8 images with diffusers' AutoencoderKL in PyTorch.
+"""PyTorch-side helpers of `python -m at1_jax.sample`: prompt encoding and VAE decoding.
 
-The fallback for `python -m at1_jax.sample --decode torch`; the default path is the Flax
-decoder in at1_jax.vae. Latents arrive unscaled (what `AutoencoderKL.decode` takes).
+at1_jax never imports torch; it imports this module lazily, only when a prompt is not in the
+embedding cache or `--decode torch` is asked for (the default decoder is at1_jax.vae).
 """
 
 from __future__ import annotations
@@ -10,8 +10,15 @@ import numpy as np
 import torch
 
 
+def prompt_encoder(kind: str, model: str):
+    """data_prep's TextEncoder for one pooled encoder, fp32 on CPU: texts → {kind}_pooled."""
+    from data_prep.text_encoders import TextEncoder, TextEncoderSpec
+
+    return TextEncoder(TextEncoderSpec(kind, kind, model), "cpu", torch.float32)
+
+
 class TorchDecoder:
-    """A diffusers AutoencoderKL loaded once (fp32 unless told otherwise)."""
+    """A diffusers AutoencoderKL loaded once (fp32 unless told otherwise); latents unscaled."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
