@@ -302,7 +302,7 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
     if "fid" in want and feature_extractor is not None:
         extract = feature_extractor
     elif "fid" in want:
-        extract = inception_extractor(args.inception_weights)
+        extract = inception_extractor(args.inception_weights, args.batch_size)
         w = args.inception_weights
         ref_key = [os.path.abspath(w), os.path.getsize(w), os.path.getmtime(w)]
     clip = None

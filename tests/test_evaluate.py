@@ -181,3 +181,41 @@ def test_missing_weights_are_all_named_before_any_work(tmp_path, tiny_models, co
     assert evaluate.main([*argv, "--metrics", "clip"]) == 2
     err = capsys.readouterr().err
     assert "nockpt" in err and "openai/clip-vit-large-patch14" in err and "pt_inception" not in err
+
+
+@pytest.mark.slow  # ~40-70 s: two 2048-d sqrtm (~11 s each here) and an Inception compile
+def test_fid_with_the_inception_network_end_to_end(tmp_path, tiny_models, tiny_clip, coco):
+    """The real feature path: a random-weight Inception file in pytorch-fid's legacy format."""
+    from inception_reference import FIDInceptionV3, randomize
+
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(
+        randomize(FIDInceptionV3(), 1).state_dict(), weights, _use_new_zipfile_serialization=False
+    )
+    ckpt = save_tiny_denoiser(tmp_path / "w")
+    argv = _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, "--save-images")
+    argv += [
+        "--metrics",
+        "fid",
+        "--guidance",
+        "6",
+        "--num-images",
+        "4",
+        "--inception-weights",
+        str(weights),
+    ]
+    assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "clip_score" not in report["rows"][0] and report["inception_weights"] == str(weights)
+    # Same batch shape as the run (--batch-size 4), so the same compiled program and features.
+    extract = evaluate.inception_extractor(str(weights), batch_size=4)
+    gen = np.stack(
+        [np.asarray(Image.open(tmp_path / "out" / "g6" / f"{i:05d}.png")) for i in range(4)]
+    )
+    refs = [str(coco / "images" / f"img_{i}.png") for i in (95, 96, 97, 98)]  # first 4 ids
+    want = metrics.frechet_distance(
+        *metrics.feature_stats(extract(gen)), *evaluate.reference_stats(refs, 64, extract)
+    )
+    # Identical features and float64 statistics: only sqrtm's own rounding could differ.
+    assert report["rows"][0]["fid"] == pytest.approx(want, rel=1e-9)
+    assert len(list((tmp_path / "cache" / "fid_refs").iterdir())) == 1  # reference stats cached
