@@ -14,7 +14,10 @@ the others are stopped and its exit code is returned.
 from __future__ import annotations
 
 import argparse
+import codecs
+import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,14 +44,29 @@ def process_env(base: dict, i: int, n: int, port: int, devices: int, gpus: list[
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * devices : (i + 1) * devices])
     else:
         env["JAX_NUM_CPU_DEVICES"] = str(devices)
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        flags = env.get("XLA_FLAGS", "").split()
+        flags = [f for f in flags if "host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     return env
 
 
+def _die_with_parent():
+    """SIGKILL this child if the launcher dies (even by SIGKILL): no orphaned JAX processes."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _pump(stream, prefix: str, out):
-    for line in iter(stream.readline, b""):
-        out.write(f"{prefix} {line.decode(errors='replace')}")
+    """Copy a child's output with a prefix per line; a carriage return ends a line too."""
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    at_start = True
+    while chunk := stream.read1(65536):
+        for part in re.split(r"([\r\n])", decode(chunk)):
+            if part and at_start and part not in "\r\n":
+                out.write(f"{prefix} ")
+                at_start = False
+            out.write(part)
+            at_start = at_start or part in ("\r", "\n")
         out.flush()
 
 
@@ -60,7 +78,13 @@ def launch(cmd: list[str], n: int, devices: int, gpus: list[str], grace: float =
     procs, pumps = [], []
     for i in range(n):
         env = process_env(os.environ, i, n, port, devices, gpus)
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}]", sys.stdout), daemon=True)
         t.start()
         procs.append(p)
@@ -113,7 +137,8 @@ def main(argv=None) -> int:
     gpus = []
     if args.gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(args.processes * args.devices_per_process)]
+        count = args.processes * args.devices_per_process
+        gpus = visible.split(",") if visible else [str(i) for i in range(count)]
     return launch(cmd, args.processes, args.devices_per_process, gpus)
 
 
