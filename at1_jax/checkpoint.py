@@ -39,6 +39,7 @@ class Checkpoints:
         s3 = s3_orbax.is_s3(path)
         if s3:
             s3_orbax.install()
+            s3_orbax.refresh_clients()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=not read_only,

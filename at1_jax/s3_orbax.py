@@ -47,13 +47,17 @@ def endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def kvstore_spec(url: str) -> dict:
-    """TensorStore's s3 kvstore spec for a folder URL (the path ends with '/')."""
+def kvstore_spec(url: str, folder: bool = True) -> dict:
+    """TensorStore's s3 kvstore spec for a folder (path ends with '/') or a single object.
+
+    An object key ending in '/' is a folder marker to some S3 servers (SeaweedFS keeps no
+    content for it), so single files must not get the slash.
+    """
     bucket, key = split(url)
     spec = {
         "driver": "s3",
         "bucket": bucket,
-        "path": f"{key}/" if key else "",
+        "path": f"{key}/" if key and folder else key,
         "aws_region": os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
@@ -77,9 +81,9 @@ def _build_kvstore_tspec(
             replica_separate_folder=replica_separate_folder,
         )
     bucket, key = split(directory)
-    if not use_ocdbt:
+    if not use_ocdbt:  # orbax then addresses one file: a JSON blob such as _sharding
         path = "/".join(p for p in (key, name) if p)
-        return kvstore_spec(f"s3://{bucket}/{path}")
+        return kvstore_spec(f"s3://{bucket}/{path}", folder=False)
     if process_id is not None:
         sub = ts_utils.PROCESS_SUBDIR_PREFIX
         if replica_separate_folder:
@@ -106,6 +110,15 @@ def _default_class(original_name):
         return _original[original_name](path, *args, **kwargs)
 
     return choose
+
+
+def refresh_clients() -> None:
+    """Forget cached s3fs clients so a changed AWS_* environment (endpoint, keys) is used."""
+    import s3fs
+    from etils.epath import backend
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()  # etils keeps its own cache
 
 
 def install() -> None:

@@ -117,7 +117,10 @@ def train(cfg: config.TrainConfig) -> int:
     config.validate(cfg)
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
     check_fit(cfg, ds)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise config.ConfigError(f"config.{e}") from e
     dp = sharding.data_parallel_size(mesh, cfg.mesh.rules)
     if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
         raise config.ConfigError(

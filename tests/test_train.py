@@ -1,0 +1,272 @@
+"""The training entry point end to end: errors before compiling, exact resume, processes, S3."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from fixtures_shards import make_dataset
+
+from at1_jax import checkpoint, config, sharding, train, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """
+import dataclasses
+from at1_jax.config import *
+from at1_jax.diffusion import ObjectiveConfig
+from at1_jax.presets import PRESETS
+
+def get_config():
+    return TrainConfig(
+        name="test", run_dir={run_dir!r}, steps={steps}, seed=3,
+        model=dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, depth=2, text_dim=32),
+        objective=ObjectiveConfig(cfg_drop=0.2),
+        data=DataConfig(path={data!r}, batch_size=8, shuffle_shards=2, streams=2),
+        optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=1.0, ema_decay=0.9),
+        mesh=MeshConfig(data=2, fsdp=2),
+        checkpoint=CheckpointConfig(dir={ckpt!r}, every={every}, keep=3, async_save={async_save}),
+        log=LogConfig(every=1, tensorboard={tb}, sample_every=0),
+    )
+"""
+
+
+def write_config(tmp_path, name, data, steps=6, every=3, ckpt="", async_save=True, tb=False):
+    run_dir = str(tmp_path / name)
+    text = CONFIG.format(
+        run_dir=run_dir,
+        steps=steps,
+        data=data,
+        ckpt=ckpt,
+        every=every,
+        async_save=async_save,
+        tb=tb,
+    )
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    make_dataset(str(root), shards=4, per_shard=12)
+    return str(root)
+
+
+def final_state(cfg_path, step=None):
+    """(state, meta) of the latest (or given) checkpoint of a run, on 4 local devices."""
+    cfg = config.load_file(cfg_path)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices=jax.devices()[:4])
+    tx = train_step.make_optimizer(cfg.optim, cfg.steps)
+    spec = train_step.state_spec(cfg, tx, mesh)
+    ck = checkpoint.Checkpoints(cfg.checkpoint_dir, read_only=True)
+    state, meta = ck.restore(step or ck.latest_step(), spec.abstract)
+    ck.close()
+    return jax.tree.map(np.asarray, state), meta
+
+
+def assert_same_state(a, b, atol=0.0):
+    for part in ("params", "ema", "opt", "step"):
+        leaves_a, leaves_b = jax.tree.leaves(a[part]), jax.tree.leaves(b[part])
+        assert len(leaves_a) == len(leaves_b)
+        for x, y in zip(leaves_a, leaves_b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=part)
+
+
+def run_cli(args, env=None, **kw):
+    env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "at1_jax.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def finish(proc, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL: JAX may ignore SIGTERM
+        out, _ = proc.communicate()
+        raise AssertionError(f"training did not finish:\n{out[-3000:]}") from None
+    return proc.returncode, out
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fail the test if anything reaches state initialisation or step compilation."""
+
+    def boom(*a, **k):
+        raise AssertionError("compiled before the config error was reported")
+
+    monkeypatch.setattr(train_step, "init_state", boom)
+    monkeypatch.setattr(train_step, "make_train_step", boom)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--config.data.path={missing}"], "manifest.json not found: is data.path a dataset"),
+        (["--config.model.latent_size=16"], "has latents (4, 8, 8) but the model expects"),
+        (["--config.model.text_dim=64"], "is 32-d but config.model.text_dim is 64"),
+        (["--config.data.batch_size=6"], "must be a multiple of the data-parallel size 4"),
+        (["--config.data.streams=8", "--config.data.batch_size=4"], "not divisible by the 8 read"),
+        (["--config.data.streams=5", "--config.data.batch_size=20"], "4 shards for 5 reading"),
+        (["--config.mesh.data=3"], "must equal the"),
+        (["--config.optim.lr=-1"], "config.optim.lr must be > 0, got -1.0"),
+        (["--config.optim.bogus=1"], "unknown field 'bogus'"),
+    ],
+)
+def test_bad_configs_and_paths_fail_before_compiling(
+    tmp_path, dataset, no_compile, capsys, overrides, message
+):
+    cfg = write_config(tmp_path, "bad", dataset)
+    args = [o.format(missing=str(tmp_path / "none")) for o in overrides]
+    assert train.main(["--config", cfg, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
+    make_dataset(str(tmp_path / "ds"), shards=2, per_shard=8)
+    # Poison every latent of one shard: the first batches that touch it go non-finite.
+    import io
+
+    from data_prep import schema
+
+    manifest = schema.load_manifest((tmp_path / "ds" / "manifest.json").read_text())
+    samples = []
+    for shard in manifest.shards:
+        data = (tmp_path / "ds" / shard.path).read_bytes()
+        samples += list(schema.iter_shard_samples(data, shard.name))
+    for s in samples:
+        s["latent_mean"] = np.full_like(s["latent_mean"], np.inf)
+    for i, shard in enumerate(manifest.shards):
+        buf = io.BytesIO()
+        schema.write_shard(buf, samples[i * 8 : (i + 1) * 8])
+        (tmp_path / "ds" / shard.path).write_bytes(buf.getvalue())
+        manifest.shards[i] = type(shard)(
+            shard.name, shard.path, 8, schema.sha256_bytes(buf.getvalue()), len(buf.getvalue())
+        )
+    (tmp_path / "ds" / "manifest.json").write_text(schema.dump_manifest(manifest))
+    cfg = write_config(tmp_path, "nan", str(tmp_path / "ds"), steps=4, every=1)
+    assert train.main(["--config", cfg]) == train.EXIT_NONFINITE
+    out = capsys.readouterr()
+    assert "non-finite loss or gradient at step 1" in out.out + out.err
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints") or not os.listdir(
+        tmp_path / "nan" / "checkpoints"
+    )
+
+
+def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
+    cfg = write_config(tmp_path, "a", dataset, steps=4, every=2)
+    assert train.main(["--config", cfg]) == 0
+    state4, meta = final_state(cfg)
+    assert meta["step"] == 4 and int(state4["step"]) == 4
+    assert len(meta["data_positions"]) == 2  # one per reading stream
+    saved = json.loads(open(tmp_path / "a" / "config.json").read())
+    assert saved["steps"] == 4 and "AWS" not in json.dumps(saved)
+    # Longer run, same folder: resumes from step 4 instead of starting over.
+    assert train.main(["--config", cfg, "--config.steps=6"]) == 0
+    _, meta6 = final_state(cfg)
+    assert meta6["step"] == 6
+    # Fine-tune from the exported EMA weights of the first run.
+    weights_dir = str(tmp_path / "a" / "weights")
+    ft = write_config(tmp_path, "ft", dataset, steps=1, every=1)
+    cfg_ft = config.apply_overrides(
+        config.load_file(ft), [f"--config.checkpoint.init_from={weights_dir}"]
+    )
+    mesh = sharding.make_mesh(2, 2, devices=jax.devices()[:4])
+    tx = train_step.make_optimizer(cfg_ft.optim, 1)
+    spec = train_step.state_spec(cfg_ft, tx, mesh)
+    model = train.initial_model(cfg_ft, spec)
+    from at1_jax import weights
+
+    stored = weights.model_arrays(weights.load(weights_dir))
+    assert weights.model_arrays(model).keys() == stored.keys()
+    for k, v in weights.model_arrays(model).items():
+        np.testing.assert_array_equal(v, stored[k])
+    ema6 = final_state(cfg)[0]["ema"]
+    assert ema6 is not None
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(tmp_path, dataset):
+    steps = 40
+    ref_cfg = write_config(tmp_path, "ref", dataset, steps=steps, every=4, async_save=False)
+    code, out = finish(run_cli(["--config", ref_cfg]))
+    assert code == 0, out[-3000:]
+    reference, _ = final_state(ref_cfg)
+    rng = random.Random(0)
+    for name, sig in (("killed", signal.SIGKILL), ("termed", signal.SIGTERM)):
+        cfg = write_config(tmp_path, name, dataset, steps=steps, every=4, async_save=False)
+        proc = run_cli(["--config", cfg])
+        ckdir = tmp_path / name / "checkpoints"
+        deadline = time.monotonic() + 240
+        while not (ckdir.exists() and any(p.isdigit() for p in os.listdir(ckdir))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][
+                -3000:
+            ]
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))  # a random step after the first checkpoint
+        proc.send_signal(sig)
+        code, out = finish(proc)
+        if sig == signal.SIGKILL:
+            assert code == -signal.SIGKILL
+        else:
+            assert code == 0 and "stop signal: checkpoint of step" in out, out[-3000:]
+        stopped_at = max(int(p) for p in os.listdir(ckdir) if p.isdigit())
+        assert stopped_at < steps, f"{name}: the run ended before the signal"
+        code, out = finish(run_cli(["--config", cfg]))
+        assert code == 0, out[-3000:]
+        resumed, meta = final_state(cfg)
+        assert meta["step"] == steps
+        # Same program, same data, same keys: bit-for-bit.
+        assert_same_state(resumed, reference)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, dataset):
+    one = write_config(tmp_path, "one", dataset, steps=5, every=5)
+    code, out = finish(run_cli(["--config", one]))
+    assert code == 0, out[-3000:]
+    two = write_config(tmp_path, "two", dataset, steps=5, every=5)
+    launcher = subprocess.Popen(
+        [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2", "--",
+         sys.executable, "-m", "at1_jax.train", "--config", two],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    code, out = finish(launcher)
+    assert code == 0, out[-3000:]
+    a, meta_a = final_state(one)
+    b, meta_b = final_state(two)
+    assert meta_a["data_positions"] == meta_b["data_positions"]
+    # Same batches and keys; gradients are all-reduced across processes (gloo) in another
+    # order than within one: fp32 reassociation, ~1e-7 per step, a few steps of Adam.
+    assert_same_state(a, b, atol=1e-5)
+
+
+def test_s3_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env, request):
+    url = s3_env.url(f"{request.node.name}/ckpt")
+    cfg = write_config(tmp_path, "s3", dataset, steps=4, every=2, ckpt=url)
+    assert train.main(["--config", cfg]) == 0
+    ck = checkpoint.Checkpoints(url, read_only=True)
+    assert ck.steps() == [2, 4]
+    ck.close()
+    assert train.main(["--config", cfg, "--config.steps=6"]) == 0
+    state, meta = final_state(cfg)
+    assert meta["step"] == 6 and int(state["step"]) == 6
+    # The whole run on local disk gives the same weights: S3 changes where, not what.
+    local = write_config(tmp_path, "local", dataset, steps=6, every=2)
+    assert train.main(["--config", local]) == 0
+    assert_same_state(state, final_state(local)[0])
