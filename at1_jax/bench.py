@@ -144,6 +144,84 @@ def _main_sample(args) -> int:
     return 0
 
 
+def bench_train(cfg, steps: int) -> dict:
+    """The real sharded train step on synthetic batches: time, FLOPs, MFU, peak memory."""
+    import resource
+
+    import numpy as np
+
+    from at1_jax import sharding, train_step
+    from at1_jax.reporting import peak_flops
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tx = train_step.make_optimizer(cfg.optim, cfg.steps)
+    spec = train_step.state_spec(cfg, tx, mesh)
+    state = train_step.init_state(cfg, tx, spec)
+    m, rng = cfg.model, np.random.default_rng(0)
+    n = cfg.data.batch_size // jax.process_count()
+    shape = (n, m.latent_channels, m.latent_size, m.latent_size)
+    local = {
+        "latent": rng.standard_normal(shape).astype(np.float16),
+        "latent_std": np.full(shape, 0.1, np.float16),
+        "text": rng.standard_normal((n, m.text_dim)).astype(np.float16),
+    }
+    batch = train_step.global_batch(local, spec, cfg.data.batch_size)
+    t0 = time.perf_counter()
+    step = train_step.make_train_step(cfg, tx, spec, 1.0).lower(spec.abstract, batch).compile()
+    per_device = compiled_flops(step)
+    out = {
+        "compile_s": time.perf_counter() - t0,
+        # MFU counts model FLOPs (fwd+bwd matmuls), as is usual; the hardware count below
+        # also includes elementwise work and anything replicated across devices.
+        "model_flops": analytic_train_flops(cfg.model) * cfg.data.batch_size,
+        "hardware_flops": per_device * jax.device_count() if per_device else None,
+    }
+    state, metrics = step(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    dt = (time.perf_counter() - t0) / steps
+    out.update(step_s=dt, images_per_s=cfg.data.batch_size / dt)
+    out["tflops_per_s"] = out["model_flops"] / dt / 1e12
+    peak = peak_flops(jax.devices()[0])
+    out["mfu"] = out["model_flops"] / dt / (peak * jax.device_count()) if peak else None
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out["peak_device_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    out["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def _main_train(args) -> int:
+    from at1_jax.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+
+    model = dataclasses.replace(
+        get_preset(args.preset), dtype=args.dtype, remat=args.remat, depthwise=args.depthwise
+    )
+    cfg = TrainConfig(
+        steps=1000,
+        model=model,
+        data=DataConfig(path="synthetic", batch_size=args.batch),
+        optim=OptimConfig(grad_accum=args.grad_accum, clip_norm=1.0),
+        mesh=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
+    )
+    r = bench_train(cfg, args.steps)
+    dev = jax.devices()[0]
+    print(f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()}")
+    print(
+        f"preset={args.preset} batch={args.batch} dtype={args.dtype} remat={args.remat} "
+        f"mesh=data:{args.data},fsdp:{args.fsdp},tensor:{args.tensor} accum={args.grad_accum}"
+    )
+    print(
+        f"images/s {r['images_per_s']:.2f} | step {r['step_s']:.3f} s | "
+        f"model TFLOP/s {_fmt(r.get('tflops_per_s'), '.3f')} | MFU {_fmt(r.get('mfu'), '.1%')} | "
+        f"peak device mem {_fmt(r['peak_device_gib'], '.2f')} GiB | "
+        f"peak host RSS {r['peak_host_gib']:.2f} GiB | compile {r['compile_s']:.1f} s"
+    )
+    return 0
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -167,9 +245,22 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, default=15)
     s.add_argument("--guidance", type=float, default=6.0)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    t = sub.add_parser("train", help="the sharded train step: img/s, TFLOP/s, MFU, memory")
+    t.add_argument("--preset", default="at1")
+    t.add_argument("--batch", type=int, default=32, help="global batch")
+    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--data", type=int, default=-1, help="mesh data axis (-1: the rest)")
+    t.add_argument("--fsdp", type=int, default=1)
+    t.add_argument("--tensor", type=int, default=1)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    t.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
+    t.add_argument("--remat", action="store_true")
     args = parser.parse_args(argv)
     if args.what == "sample":
         return _main_sample(args)
+    if args.what == "train":
+        return _main_train(args)
 
     device = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={device.device_kind} x{jax.device_count()}")

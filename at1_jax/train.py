@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from at1_jax import checkpoint, config, data, distributed, sharding, train_step, weights
-from at1_jax.bench import compiled_flops
+from at1_jax.bench import analytic_train_flops
 from at1_jax.reporting import Reporter
 from at1_jax.train_samples import SampleGrids, write_grid
 
@@ -174,7 +174,7 @@ def train(cfg: config.TrainConfig) -> int:
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
     step_fn = jitted.lower(spec.abstract, first).compile()
-    flops = compiled_flops(step_fn)
+    flops = analytic_train_flops(cfg.model) * cfg.data.batch_size  # model FLOPs, for MFU
     reporter = Reporter(cfg, start, flops, json.loads(config.to_json(cfg)))
     samples = SampleGrids(cfg, ds, spec.graphdef, mesh) if cfg.log.sample_every else None
     stop = distributed.StopSignal()
