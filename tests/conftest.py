@@ -7,5 +7,5 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from fixtures_models import tiny_models  # noqa: E402, F401
-from fixtures_s3 import s3_env, s3_server  # noqa: E402, F401
+from fixtures_models import tiny_models  # noqa: F401
+from fixtures_s3 import s3_env, s3_server  # noqa: F401
