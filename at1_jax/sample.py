@@ -86,12 +86,65 @@ def _manifest_info(manifest: dict[str, Any], text_dim: int) -> dict[str, Any]:
     return info
 
 
+def _trainer_info(dataset: dict[str, Any]) -> dict[str, Any]:
+    """Text encoder, VAE and latent scale recorded by the trainer (checkpoint meta "dataset")."""
+    info: dict[str, Any] = {}
+    ae = dataset.get("autoencoder") or {}
+    if ae.get("kind") == PIXEL:
+        info["vae"] = PIXEL
+    elif ae.get("model"):
+        info["vae"] = ae["model"]
+    name = str(dataset.get("text_array", "")).removesuffix("_pooled")
+    for enc in dataset.get("text_encoders") or []:
+        if enc.get("name", enc.get("kind")) == name:
+            info["text_encoder"] = f"{enc['kind']}={enc['model']}"
+    if dataset.get("latent_scale"):  # the trainer multiplies raw latents by it
+        info["latent_scale"] = 1.0 / float(dataset["latent_scale"])
+    return info
+
+
+def _load_checkpoint(path: str) -> tuple[Denoiser, dict[str, Any]]:
+    """EMA weights of the latest complete trainer checkpoint in `path` (or `path`/checkpoints)."""
+    from flax import nnx
+
+    from at1_jax import checkpoint, config
+
+    folder = path
+    if not path.startswith("s3://") and os.path.isdir(os.path.join(path, "checkpoints")):
+        folder = os.path.join(path, "checkpoints")  # a run folder
+    try:
+        ck = checkpoint.Checkpoints(folder, read_only=True, async_save=False)
+        step = ck.latest_step()
+        meta = ck.restore_meta(step) if step is not None else None
+        ck.close()
+    except checkpoint.CheckpointError:
+        step = None
+    if step is None:
+        raise MissingFiles(
+            f"checkpoint {path} not found or incomplete: it is neither an at1-jax weights "
+            f"folder ({weights.CONFIG_FILE} + {weights.PARAMS_FILE}) nor a training run / "
+            "checkpoint folder with a complete step. `python -m at1_jax.convert import "
+            "TLD.pth DIR` makes a weights folder from TLD/AT-1 weights."
+        )
+    cfg = config.from_dict(meta["config"]).model
+    graphdef, params, buffers = nnx.split(
+        nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0))), nnx.Param, ...
+    )
+    abstract = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
+    restored, _ = checkpoint.restore_params(folder, abstract)
+    model = nnx.merge(graphdef, restored["params"], restored["buffers"])
+    info = {"source": "checkpoint", "step": step, **_trainer_info(meta.get("dataset") or {})}
+    return model, info
+
+
 def load_denoiser(path: str, cache_dir: str = DEFAULT_CACHE) -> tuple[Denoiser, dict[str, Any]]:
     """The denoiser stored at `path` and what is known about how to use it.
 
     `path`: an at1-jax weights folder (config.json + params.safetensors, as written by
-    `python -m at1_jax.convert`), local or s3://. A `manifest.json` next to them (the
-    training set's data_prep manifest) tells which text encoder and VAE the model expects.
+    `python -m at1_jax.convert` or at the end of training in RUN/weights), local or s3://,
+    or a training run / checkpoint folder (the EMA weights of its latest complete step).
+    A `manifest.json` (the training set's data_prep manifest) or `dataset.json` (what the
+    trainer recorded) next to the weights tells which text encoder and VAE the model expects.
     info keys: source, path, text_encoder, vae, latent_scale, latent_shift (None = unknown).
     """
     info: dict[str, Any] = {
@@ -103,25 +156,30 @@ def load_denoiser(path: str, cache_dir: str = DEFAULT_CACHE) -> tuple[Denoiser, 
         "latent_shift": None,
     }
     local = path
+    names = (weights.CONFIG_FILE, weights.PARAMS_FILE)
     if path.startswith("s3://"):
-        local = _fetch_s3_folder(path, (weights.CONFIG_FILE, weights.PARAMS_FILE), cache_dir)
-        try:  # optional
-            _fetch_s3_folder(path, ("manifest.json",), cache_dir)
+        try:
+            local = _fetch_s3_folder(path, names, cache_dir)
         except MissingFiles:
-            pass
-    needed = [os.path.join(local, n) for n in (weights.CONFIG_FILE, weights.PARAMS_FILE)]
-    missing = [p for p in needed if not os.path.isfile(p)]
-    if missing:
-        raise MissingFiles(
-            f"checkpoint {path} not found or incomplete: missing {', '.join(missing)}. "
-            f"Pass an at1-jax weights folder ({weights.CONFIG_FILE} + {weights.PARAMS_FILE}); "
-            "`python -m at1_jax.convert import TLD.pth DIR` makes one from TLD/AT-1 weights."
-        )
+            model, found = _load_checkpoint(path)
+            return model, {**info, **found}
+        for optional in ("manifest.json", weights.DATASET_FILE):
+            try:
+                _fetch_s3_folder(path, (optional,), cache_dir)
+            except MissingFiles:
+                pass
+    if not all(os.path.isfile(os.path.join(local, n)) for n in names):
+        model, found = _load_checkpoint(path)
+        return model, {**info, **found}
     model = weights.load(local)
     manifest_path = os.path.join(local, "manifest.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             info.update(_manifest_info(json.load(f), model.cfg.text_dim))
+    dataset_path = os.path.join(local, weights.DATASET_FILE)
+    if os.path.isfile(dataset_path):
+        with open(dataset_path) as f:
+            info.update(_trainer_info(json.load(f)))
     return model, info
 
 

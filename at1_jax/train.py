@@ -98,7 +98,7 @@ def _numerics(m):
     return {k: getattr(m, k) for k in ("dtype", "remat", "attention", "depthwise", "dropout")}
 
 
-def export_ema(state: dict, cfg: config.TrainConfig, directory: str) -> None:
+def export_ema(state: dict, cfg: config.TrainConfig, directory: str, dataset: dict) -> None:
     """Write the EMA weights as an at1-jax weights folder (gathered to process 0)."""
     arrays = {"params": state["ema"], "buffers": state["buffers"]}
     host = multihost_utils.process_allgather(arrays, tiled=True)
@@ -110,6 +110,8 @@ def export_ema(state: dict, cfg: config.TrainConfig, directory: str) -> None:
             key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             flat[key] = np.asarray(value, np.float32)
     weights.save(directory, cfg.model, flat)
+    with open(os.path.join(directory, weights.DATASET_FILE), "w") as f:
+        json.dump(dataset, f, indent=2)
 
 
 def train(cfg: config.TrainConfig) -> int:
@@ -235,7 +237,7 @@ def train(cfg: config.TrainConfig) -> int:
             reporter.step(pending[0], check(pending[0], pending[1]))
         ckpts.wait()
         if step == cfg.steps:
-            export_ema(state, cfg, os.path.join(cfg.run_dir, "weights"))
+            export_ema(state, cfg, os.path.join(cfg.run_dir, "weights"), meta_base["dataset"])
             reporter.message(f"done: {step} steps; EMA weights in {cfg.run_dir}/weights")
         if reader.skipped_shards:
             skipped = reader.skipped_shards

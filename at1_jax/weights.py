@@ -15,6 +15,7 @@ from at1_jax.model import Denoiser, DenoiserConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
+DATASET_FILE = "dataset.json"  # written by the trainer: text encoder, VAE, latent scale
 
 
 def path_key(path: tuple) -> str:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from fixtures_shards import make_dataset
+from flax import nnx
 
 from at1_jax import checkpoint, config, sharding, train, train_step
 
@@ -196,8 +197,18 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     assert weights.model_arrays(model).keys() == stored.keys()
     for k, v in weights.model_arrays(model).items():
         np.testing.assert_array_equal(v, stored[k])
+    # The sample CLI loads a run folder (latest checkpoint's EMA) and the exported weights.
+    from at1_jax.sample import load_denoiser
+
+    run_model, run_info = load_denoiser(str(tmp_path / "a"))
+    assert run_info["source"] == "checkpoint" and run_info["step"] == 6
     ema6 = final_state(cfg)[0]["ema"]
-    assert ema6 is not None
+    got = nnx.to_pure_dict(nnx.state(run_model, nnx.Param))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ema6), strict=True):
+        np.testing.assert_array_equal(x, y)
+    _, info = load_denoiser(weights_dir)
+    assert info["text_encoder"] == "clip=tiny" and info["latent_scale"] == 8.0
+    assert run_info["text_encoder"] == "clip=tiny" and run_info["latent_scale"] == 8.0
 
 
 @pytest.mark.slow
