@@ -108,8 +108,22 @@ def restore_params(path: str, abstract_params: dict, which: str = "ema") -> tupl
     if step is None:
         raise CheckpointError(f"no complete checkpoint in {path}")
     meta = ckpt.restore_meta(step)
-    target = {which: abstract_params["params"], "buffers": abstract_params["buffers"]}
-    args = ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(item=target, partial_restore=True)})
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def placed(a):  # orbax needs a concrete sharding: default to one local device
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or one)
+
+    target = jax.tree.map(
+        placed, {which: abstract_params["params"], "buffers": abstract_params["buffers"]}
+    )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.Composite(
+        **{
+            STATE: ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            )
+        }
+    )
     try:
         restored = ckpt._manager.restore(step, args=args)[STATE]
     except Exception as e:
