@@ -206,6 +206,20 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     got = nnx.to_pure_dict(nnx.state(run_model, nnx.Param))
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ema6), strict=True):
         np.testing.assert_array_equal(x, y)
+    # A fresh one-device process (what the sample CLI is) restores the 4-device checkpoint.
+    code = (
+        "from at1_jax.sample import load_denoiser; import sys; "
+        "m, info = load_denoiser(sys.argv[1]); print('step', info['step'], m.cfg.depth)"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "a")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "step 6 2" in out.stdout, out.stderr[-2000:]
     _, info = load_denoiser(weights_dir)
     assert info["text_encoder"] == "clip=tiny" and info["latent_scale"] == 8.0
     assert run_info["text_encoder"] == "clip=tiny" and run_info["latent_scale"] == 8.0
