@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python -m at1_jax.bench model --preset at1 --batch 32
+	$(BIN)/python -m at1_jax.bench model --presets at1 --batch 32
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

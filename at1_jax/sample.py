@@ -468,7 +468,9 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m at1_jax.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="weights folder (local or s3://)")
+    p.add_argument(
+        "--checkpoint", required=True, help="weights folder or training run (local or s3://)"
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--steps", type=int, default=15)
