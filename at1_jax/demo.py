@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--num-images", type=int, default=4000)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--vae", default="pixel", help="'pixel' or a diffusers AutoencoderKL id/path")
     p.add_argument("--text-encoder", default="", help="default: minilm:sentence=<MiniLM>")
     p.add_argument("--seed", type=int, default=0)
