@@ -186,15 +186,7 @@ def _check_files(args, want: set[str], need_inception: bool) -> sample.Pipeline:
     if _exists(args.captions):
         captions = [c for _, c in read_coco_captions(args.captions, args.num_images)]
     try:
-        pipe = sample.Pipeline(
-            args.checkpoint,
-            text_encoder=args.text_encoder,
-            decode=args.decode,
-            vae=args.vae,
-            latent_scale=args.latent_scale,
-            batch_size=args.batch_size,
-            cache_dir=args.cache_dir,
-        )
+        pipe = sample.Pipeline.from_args(args)
     except sample.MissingFiles as e:
         problems.append(str(e))
     if pipe is not None:

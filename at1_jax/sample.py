@@ -419,6 +419,19 @@ class Pipeline:
         self._decoder = None
         self.timing = {"embed_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Pipeline:
+        """A pipeline from the command-line flags that sample and evaluate share."""
+        return cls(
+            args.checkpoint,
+            text_encoder=args.text_encoder,
+            decode=args.decode,
+            vae=args.vae,
+            latent_scale=args.latent_scale,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+        )
+
     def require(self, prompts: Sequence[str]) -> None:
         """Fails with MissingFiles now if any model file needed for `prompts` is missing."""
         kind, model = text_encoder_spec(self.text_encoder)
@@ -511,15 +524,7 @@ def main(argv=None) -> int:
             bright_f=args.bright_f,
             seed=args.seed,
         )
-        pipe = Pipeline(
-            args.checkpoint,
-            text_encoder=args.text_encoder,
-            decode=args.decode,
-            vae=args.vae,
-            latent_scale=args.latent_scale,
-            batch_size=args.batch_size,
-            cache_dir=args.cache_dir,
-        )
+        pipe = Pipeline.from_args(args)
         pipe.require(prompts)
     except (MissingFiles, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
