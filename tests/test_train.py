@@ -281,9 +281,17 @@ def test_two_processes_match_one_process(tmp_path, dataset):
     assert_same_state(a, b, atol=1e-5)
 
 
-def test_s3_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env, request):
+def test_s3_data_and_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env, request):
+    # Shards streamed from S3 too: upload the dataset folder as it is.
+    client = s3_env.client()
+    for folder, _, files in os.walk(dataset):
+        for name in files:
+            path = os.path.join(folder, name)
+            key = f"{request.node.name}/data/{os.path.relpath(path, dataset)}"
+            client.upload_file(path, s3_env.bucket, key)
+    s3_data = s3_env.url(f"{request.node.name}/data")
     url = s3_env.url(f"{request.node.name}/ckpt")
-    cfg = write_config(tmp_path, "s3", dataset, steps=4, every=2, ckpt=url)
+    cfg = write_config(tmp_path, "s3", s3_data, steps=4, every=2, ckpt=url)
     assert train.main(["--config", cfg]) == 0
     ck = checkpoint.Checkpoints(url, read_only=True)
     assert ck.steps() == [2, 4]
