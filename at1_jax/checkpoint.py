@@ -130,7 +130,3 @@ def restore_params(path: str, abstract_params: dict, which: str = "ema") -> tupl
         raise CheckpointError(f"restoring weights of step {step} from {path} failed: {e}") from e
     ckpt.close()
     return {"params": restored[which], "buffers": restored["buffers"]}, meta
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0

@@ -7,7 +7,6 @@ python -m at1_jax.convert export out/tld-101m tld_101m.safetensors
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import re
 import sys
@@ -196,10 +195,7 @@ def infer_config(
 
 def preset_name(cfg: DenoiserConfig) -> str | None:
     """The preset whose architecture equals `cfg` (numerics such as dtype aside), if any."""
-    arch = dataclasses.replace(
-        cfg, dtype="float32", remat=False, attention="auto", depthwise="auto"
-    )
-    return next((n for n, p in PRESETS.items() if p == arch), None)
+    return next((n for n, p in PRESETS.items() if p.architecture() == cfg.architecture()), None)
 
 
 def torch_to_arrays(sd: dict[str, np.ndarray], cfg: DenoiserConfig, source: str):

@@ -17,6 +17,8 @@ ATTENTION = ("auto", "xla", "cudnn")
 DEPTHWISE = ("auto", "conv", "shift")
 DTYPES = ("float32", "bfloat16", "float16")
 LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
+# Fields that change how the model computes, not which weights it has.
+NUMERICS = ("dtype", "remat", "attention", "depthwise", "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,10 @@ class DenoiserConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+
+    def architecture(self) -> DenoiserConfig:
+        """This config with the numerics options at their defaults: what the weights fit."""
+        return dataclasses.replace(self, **{k: getattr(DenoiserConfig, k) for k in NUMERICS})
 
     @property
     def grid(self) -> int:

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from at1_jax import checkpoint, config, data, distributed, sharding, train_step, weights
 from at1_jax.bench import analytic_train_flops
+from at1_jax.model import NUMERICS
 from at1_jax.reporting import Reporter
 from at1_jax.train_samples import SampleGrids, write_grid
 
@@ -50,12 +51,6 @@ def parse_args(argv) -> config.TrainConfig:
     return dataclasses.replace(cfg, checkpoint=ck)
 
 
-def _architecture(cfg):
-    return dataclasses.replace(
-        cfg, dtype="float32", remat=False, attention="auto", depthwise="auto"
-    )
-
-
 def check_fit(cfg: config.TrainConfig, ds: data.Dataset) -> None:
     """Model, dataset and devices agree; raised before anything is compiled."""
     m = cfg.model
@@ -84,18 +79,15 @@ def initial_model(cfg: config.TrainConfig, spec: train_step.StateSpec):
         return None
     if os.path.isfile(os.path.join(path, weights.CONFIG_FILE)):
         stored = weights.load_config(path)
-        if _architecture(stored) != _architecture(cfg.model):
+        if stored.architecture() != cfg.model.architecture():
             raise config.ConfigError(
                 f"init_from {path}: its model {stored} differs from config.model {cfg.model}"
             )
-        return weights.load(path, **_numerics(cfg.model))
+        # Stored weights, this run's numerics (compute dtype, remat, …).
+        return weights.load(path, **{k: getattr(cfg.model, k) for k in NUMERICS})
     abstract = {"params": spec.abstract["params"], "buffers": spec.abstract["buffers"]}
     restored, _ = checkpoint.restore_params(path, abstract)
     return nnx.merge(spec.graphdef, restored["params"], restored["buffers"])
-
-
-def _numerics(m):
-    return {k: getattr(m, k) for k in ("dtype", "remat", "attention", "depthwise", "dropout")}
 
 
 def export_ema(state: dict, cfg: config.TrainConfig, directory: str, dataset: dict) -> None:

@@ -213,8 +213,3 @@ def global_batch(local: dict, spec: StateSpec, global_size: int) -> dict:
         k: jax.make_array_from_process_local_data(spec.batch, v, (global_size, *v.shape[1:]))
         for k, v in local.items()
     }
-
-
-def ema_model(state: dict, graphdef: nnx.GraphDef) -> Denoiser:
-    """The model holding the EMA weights (what samples and exports use)."""
-    return nnx.merge(graphdef, state["ema"], state["buffers"])
