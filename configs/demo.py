@@ -43,5 +43,5 @@ def get_config() -> TrainConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=100, clip_norm=1.0, ema_decay=0.995),
         mesh=MeshConfig(data=2, fsdp=2),
         checkpoint=CheckpointConfig(every=500, keep=2),
-        log=LogConfig(every=25, sample_every=1000, sample_steps=20, sample_guidance=3.0),
+        log=LogConfig(every=25, sample_every=1000, sample_steps=20, sample_guidance=5.0),
     )
