@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,6 @@ WEIGHTS_URL = (
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 _BN_EPS = 1e-3  # torchvision's BasicConv2d
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _HIGHEST = jax.lax.Precision.HIGHEST  # FID needs the same features on every backend (no TF32)
 
 Params = dict[str, jax.Array]
@@ -186,57 +183,9 @@ features_jit = jax.jit(features)
 # ----------------------------------------------------------------------------- weights
 
 
-def _read_legacy(path: str):
-    """A pre-1.6 (non-zip) torch.save file, read without torch; tensors become NumPy arrays.
-
-    Layout: pickles of the magic number, protocol and system info, then the object (its
-    storages are persistent ids), then the list of storage keys, then each storage's raw
-    bytes after an int64 element count. Tensors are copied out of their storages while
-    unpickling, so the object is unpickled a second time once the storages are filled.
-    """
-    storages: dict[str, np.ndarray] = {}
-
-    class Unpickler(torch_pickle._Unpickler):
-        def __init__(self, f):
-            super().__init__(f, None, "")
-
-        def persistent_load(self, pid):
-            if pid[0] != "storage":
-                raise pickle.UnpicklingError(f"{path}: unsupported persistent id {pid[0]!r}")
-            dtype, key, _, numel, view = pid[1], pid[2], pid[3], pid[4], pid[5]
-            if isinstance(dtype, type) and issubclass(dtype, torch_pickle.Opaque):
-                raise pickle.UnpicklingError(f"{path}: unsupported storage type {dtype.name}")
-            if key not in storages:
-                storages[key] = np.zeros(numel, dtype)
-            if view is not None:
-                _, offset, size = view
-                return storages[key][offset : offset + size]
-            return storages[key]
-
-    with open(path, "rb") as f:
-        if pickle.load(f) != _LEGACY_MAGIC:
-            raise ValueError(f"{path}: not a PyTorch checkpoint (bad magic number)")
-        pickle.load(f)  # protocol version
-        pickle.load(f)  # system info (endianness, type sizes)
-        start = f.tell()
-        Unpickler(f).load()  # first pass: learns every storage's dtype and size
-        keys = pickle.load(f)
-        for key in keys:
-            (numel,) = struct.unpack("<q", f.read(8))
-            buf = storages[key]
-            data = f.read(numel * buf.dtype.itemsize)
-            if numel != buf.size or len(data) != numel * buf.dtype.itemsize:
-                raise ValueError(f"{path}: storage {key} is truncated or mis-sized")
-            buf[:] = np.frombuffer(data, buf.dtype)
-        f.seek(start)
-        return Unpickler(f).load()
-
-
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """The tensors of a torch.save'd state dict (zip or legacy format) as NumPy arrays."""
-    import zipfile
-
-    sd = torch_pickle.load(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    sd = torch_pickle.load(path)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return {k: v for k, v in sd.items() if isinstance(v, np.ndarray)}

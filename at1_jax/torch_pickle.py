@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import struct
 import zipfile
 from typing import Any
 
@@ -26,6 +27,9 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 torch.save file
 
 
 class Opaque:
@@ -94,14 +98,66 @@ class _Unpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def _read_legacy(path: str):
+    """A pre-1.6 (non-zip) torch.save file, read without torch; tensors become NumPy arrays.
+
+    Layout: pickles of the magic number, protocol and system info, then the object (its
+    storages are persistent ids), then the list of storage keys, then each storage's raw
+    bytes after an int64 element count. Tensors are copied out of their storages while
+    unpickling, so the object is unpickled a second time once the storages are filled.
+    """
+    storages: dict[str, np.ndarray] = {}
+
+    class Unpickler(_Unpickler):
+        def __init__(self, f):
+            super().__init__(f, None, "")
+
+        def persistent_load(self, pid):
+            if pid[0] != "storage":
+                raise pickle.UnpicklingError(f"{path}: unsupported persistent id {pid[0]!r}")
+            dtype, key, _, numel, view = pid[1], pid[2], pid[3], pid[4], pid[5]
+            if isinstance(dtype, type) and issubclass(dtype, Opaque):
+                raise pickle.UnpicklingError(f"{path}: unsupported storage type {dtype.name}")
+            if key not in storages:
+                storages[key] = np.zeros(numel, dtype)
+            if view is not None:
+                _, offset, size = view
+                return storages[key][offset : offset + size]
+            return storages[key]
+
+    with open(path, "rb") as f:
+        if pickle.load(f) != LEGACY_MAGIC:
+            raise ValueError(
+                f"{path}: not a zip-format PyTorch checkpoint nor a legacy one (bad magic "
+                "number): truncated or not a torch.save file; re-save it with a current "
+                "torch or convert it to .safetensors"
+            )
+        pickle.load(f)  # protocol version
+        pickle.load(f)  # system info (endianness, type sizes)
+        start = f.tell()
+        Unpickler(f).load()  # first pass: learns every storage's dtype and size
+        keys = pickle.load(f)
+        for key in keys:
+            (numel,) = struct.unpack("<q", f.read(8))
+            buf = storages[key]
+            data = f.read(numel * buf.dtype.itemsize)
+            if numel != buf.size or len(data) != numel * buf.dtype.itemsize:
+                raise ValueError(f"{path}: storage {key} is truncated or mis-sized")
+            buf[:] = np.frombuffer(data, buf.dtype)
+        f.seek(start)
+        return Unpickler(f).load()
+
+
 def load(path: str) -> Any:
-    """The object a `torch.save(obj, path)` wrote, with tensors as NumPy arrays."""
+    """The object a `torch.save(obj, path)` wrote (zip or legacy format), tensors as NumPy."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path}: not a zip-format PyTorch checkpoint (truncated, or saved by torch<1.6 "
-            "with _use_new_zipfile_serialization=False): re-save it with a current torch "
-            "or convert it to .safetensors"
-        )
+        try:
+            return _read_legacy(path)
+        except (pickle.UnpicklingError, EOFError, struct.error) as e:
+            raise ValueError(
+                f"{path}: not a zip-format PyTorch checkpoint and unreadable as a legacy "
+                f"(torch<1.6) one ({e}): truncated? re-save it or convert it to .safetensors"
+            ) from e
     with zipfile.ZipFile(path) as archive:
         pkls = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pkls) != 1:
