@@ -139,7 +139,9 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     torch.save(_reference("legacy").state_dict(), tmp_path / "ck.pth")
     data = (tmp_path / "ck.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a zip-format PyTorch checkpoint"):
+    with pytest.raises(
+        ValueError, match="not a zip-format nor a readable legacy PyTorch checkpoint"
+    ):
         convert.import_checkpoint(str(tmp_path / "cut.pth"), str(tmp_path / "w"))
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(ValueError, match="unreadable safetensors"):
