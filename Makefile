@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m at1_jax.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m at1_demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,7 +6,9 @@ all devices of a process group. Point data.path and checkpoint.dir at S3 for clu
 
 import dataclasses
 
-from at1_jax.config import (
+from at1_jax.model.objective import AT1_OBJECTIVE
+from at1_jax.model.presets import PRESETS
+from at1_jax.train.config import (
     CheckpointConfig,
     DataConfig,
     LogConfig,
@@ -14,8 +16,6 @@ from at1_jax.config import (
     OptimConfig,
     TrainConfig,
 )
-from at1_jax.diffusion import AT1_OBJECTIVE
-from at1_jax.presets import PRESETS
 
 
 def get_config() -> TrainConfig:

@@ -2,7 +2,9 @@
 
 import dataclasses
 
-from at1_jax.config import (
+from at1_jax.model.objective import TLD_OBJECTIVE
+from at1_jax.model.presets import PRESETS
+from at1_jax.train.config import (
     CheckpointConfig,
     DataConfig,
     LogConfig,
@@ -10,8 +12,6 @@ from at1_jax.config import (
     OptimConfig,
     TrainConfig,
 )
-from at1_jax.diffusion import TLD_OBJECTIVE
-from at1_jax.presets import PRESETS
 
 
 def get_config() -> TrainConfig:

@@ -7,10 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.schema import LATENT_MEAN, LATENT_SAMPLE, LATENT_STD, ArraySpec
-from data_prep.settings import DEFAULT_VAE  # noqa: F401 - public name callers import from here
-
-PIXEL = "pixel"
+from at1_io.constants import PIXEL
+from at1_io.schema import LATENT_MEAN, LATENT_SAMPLE, LATENT_STD, ArraySpec
 
 
 class PixelAutoencoder:

@@ -1,7 +1,7 @@
 """Benchmark: pipeline images/s against the bare encoder forwards on the same images.
 
-``python -m data_prep.bench [encode options] --benchmark-images N`` with INPUT ``synthetic``
-generates N random JPEGs (512x384, captions, CC0) instead of reading a dataset.
+``python -m data_prep.encode [encode options] --benchmark [--benchmark-images N]``; INPUT
+``synthetic`` generates N random JPEGs (512x384, captions, CC0) instead of reading a dataset.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -98,14 +97,3 @@ def print_report(report: dict) -> None:
     for k, v in report.items():
         print(f"{k:36s} {v:.2f}" if isinstance(v, float) else f"{k:36s} {v}")
     print(json.dumps(report))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m data_prep.bench`` = ``python -m data_prep.encode --benchmark``."""
-    from data_prep.encode import main as encode_main
-
-    return encode_main([*(sys.argv[1:] if argv is None else argv), "--benchmark"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,8 @@ import torch
 
 def prompt_encoder(kind: str, model: str):
     """data_prep's TextEncoder for one pooled encoder, fp32 on CPU: texts → {kind}_pooled."""
-    from data_prep.text_encoders import TextEncoder, TextEncoderSpec
+    from data_prep.settings import TextEncoderSpec
+    from data_prep.text_encoders import TextEncoder
 
     return TextEncoder(TextEncoderSpec(kind, kind, model), "cpu", torch.float32)
 

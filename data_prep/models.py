@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from at1_io.schema import ArraySpec
 from data_prep.autoencoders import latent_arrays, load_autoencoder
 from data_prep.caption import Captioner, CaptionSettings
-from data_prep.schema import ArraySpec
 from data_prep.settings import EncodeSettings, parse_spec
 from data_prep.text_encoders import TextEncoder
 

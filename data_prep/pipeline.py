@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from data_prep import records, schema, sources, storage, val_prompts, workers
+from at1_io import schema, storage
+from data_prep import records, sources, val_prompts, workers
 from data_prep.models import Models
 from data_prep.settings import EncodeSettings
 from data_prep.shard_job import ChunkCounts, ChunkEncoder

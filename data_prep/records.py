@@ -13,7 +13,7 @@ import posixpath
 from collections import Counter
 from typing import Any
 
-from data_prep import schema, storage
+from at1_io import schema, storage
 
 RUN_FILE = "parts/run.json"
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
 from data_prep.images import DEFAULT_MAX_PIXELS
 from data_prep.licenses import DEFAULT_ALLOWED, parse_allowed
 
 # Torch-free on purpose: the CLI reports argument errors before torch is imported.
-DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
 DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "describe this image in a highly detailed manner"
 CAPTION_MODES = ("off", "all", "missing", "both")
-DEFAULT_TEXT_ENCODER = "clip=openai/clip-vit-large-patch14"
 KINDS = ("clip", "t5", "sentence")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

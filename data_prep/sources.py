@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import schema, storage
+from at1_io import schema, storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("caption", "text", "TEXT", "title")

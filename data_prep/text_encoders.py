@@ -9,12 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.schema import ArraySpec
-from data_prep.settings import (  # noqa: F401 - public names callers import from here
-    DEFAULT_TEXT_ENCODER,
-    TextEncoderSpec,
-    parse_spec,
-)
+from at1_io.schema import ArraySpec
+from data_prep.settings import TextEncoderSpec
 
 
 def _has_normalize(model: str) -> bool:

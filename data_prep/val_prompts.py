@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from data_prep import storage
+from at1_io import storage
 
 BUILTIN = (
     "a photograph of a red fox sitting in fresh snow",

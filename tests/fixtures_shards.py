@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from data_prep import schema
+from at1_io import schema
 
 
 def make_dataset(

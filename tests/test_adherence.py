@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from at1_jax import adherence
-from data_prep import synthetic_shapes as shapes
+from at1_demo import adherence
+from at1_demo import synthetic_shapes as shapes
 
 
 def test_every_drawn_combination_is_read_back():

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from at1_jax import config
-from at1_jax.presets import PRESETS
+from at1_jax.model.presets import PRESETS
+from at1_jax.train import config
 
 CONFIGS = ["configs/cpu.py", "configs/at1.py", "configs/tld_101m.py"]
 

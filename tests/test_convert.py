@@ -11,8 +11,10 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
-from at1_jax import convert, weights
-from at1_jax.presets import PRESETS
+from at1_jax import convert as convert_cli
+from at1_jax.model import torch_names as convert
+from at1_jax.model import weights
+from at1_jax.model.presets import PRESETS
 
 SMALL = dict(c=4, size=8, p=2, e=128, depth=2, noise_dims=64, text_dim=32)
 
@@ -107,7 +109,7 @@ def test_cli_infers_the_preset_from_shapes(tmp_path, capsys):
     model = ref.Denoiser(c=4, size=16, p=2, e=128, depth=3, noise_dims=256, block="prenorm")
     torch.save(model.state_dict(), tmp_path / "tiny.pth")
     assert (
-        convert.main(
+        convert_cli.main(
             ["import", str(tmp_path / "tiny.pth"), str(tmp_path / "w"), "--variant", "prenorm"]
         )
         == 0

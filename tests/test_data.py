@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fixtures_shards import make_dataset
 
-from at1_jax import data
-from data_prep import schema
+from at1_io import schema
+from at1_jax.train import data
 
 
 @pytest.fixture

@@ -23,6 +23,5 @@ def test_benchmark_report(tiny_models, capsys):
     assert r["pipeline_fraction_of_bare"] > 0
     argv = ["synthetic", "unused", "--vae", "pixel", "--text-encoder", f"clip={tiny_models.clip}",
             "--resolution", "16", "--benchmark-images", "4", "--no-progress"]  # fmt: skip
-    assert bench.main(argv) == 0
-    assert "pipeline_images_per_s" in capsys.readouterr().out
     assert main([*argv, "--benchmark"]) == 0
+    assert "pipeline_images_per_s" in capsys.readouterr().out

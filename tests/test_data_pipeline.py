@@ -9,7 +9,8 @@ import torch
 from fixtures_images import random_rgb, write_image_folder
 from PIL import Image
 
-from data_prep import pipeline, records, schema, storage
+from at1_io import schema, storage
+from data_prep import pipeline, records
 from data_prep.settings import EncodeSettings
 from data_prep.val_prompts import BUILTIN
 

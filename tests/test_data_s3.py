@@ -10,7 +10,8 @@ from fixtures_images import write_image_folder
 from fixtures_s3 import free_ports
 from test_data_pipeline import settings
 
-from data_prep import pipeline, records, schema, storage
+from at1_io import schema, storage
+from data_prep import pipeline, records
 
 
 def _upload_folder(client, bucket, folder, prefix):

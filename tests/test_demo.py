@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "at1_jax.demo", "--out", str(out), "--num-images", "96"]
+    cmd = [sys.executable, "-m", "at1_demo", "--out", str(out), "--num-images", "96"]
     proc = subprocess.run(
         [*cmd, "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900
     )

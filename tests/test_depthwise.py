@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at1_jax.depthwise import depthwise_conv3x3
+from at1_jax.model.depthwise import depthwise_conv3x3
 
 
 def _numpy_reference(x, w, b):

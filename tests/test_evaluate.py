@@ -9,7 +9,8 @@ from fixtures_models import make_tokenizer
 from PIL import Image
 from test_sample import save_tiny_denoiser
 
-from at1_jax import evaluate, metrics
+from at1_jax.evaluate import cli as evaluate
+from at1_jax.evaluate import metrics
 
 CAPTIONS = ["a red square", "a blue circle", "a small dog", "a large tree", "a cat", "the sky"]
 

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from at1_jax import images
+from at1_jax.decode import images
 
 
 def test_grid_places_each_image_and_round_trips_through_png(tmp_path):

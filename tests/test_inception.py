@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from inception_reference import FIDInceptionV3, randomize
 
-from at1_jax import inception
+from at1_jax.evaluate import inception
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from at1_jax.metrics import (
+from at1_jax.evaluate.metrics import (
     RunningStats,
     clip_score,
     clip_scores,

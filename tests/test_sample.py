@@ -8,8 +8,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from at1_jax import sample, weights
-from at1_jax.model import Denoiser, DenoiserConfig
+from at1_jax.generate import cli
+from at1_jax.generate import pipeline as sample
+from at1_jax.model import weights
+from at1_jax.model.denoiser import Denoiser, DenoiserConfig
 
 TINY = DenoiserConfig(
     latent_size=8, width=64, depth=1, noise_embed_dims=16, text_dim=24, head_dim=32, cross_heads=2
@@ -50,7 +52,7 @@ def _pngs(out):
 
 def test_same_seed_same_bytes_other_seed_other_images(ckpt, tiny_models, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    assert sample.main(_args(ckpt, tiny_models, tmp_path / "a", cache)) == 0
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "a", cache)) == 0
     first = _pngs(tmp_path / "a")
     assert sorted(first) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
     img = np.asarray(Image.open(tmp_path / "a" / "00000.png"))
@@ -63,10 +65,10 @@ def test_same_seed_same_bytes_other_seed_other_images(ckpt, tiny_models, tmp_pat
         raise AssertionError("text encoder loaded although every prompt is cached")
 
     monkeypatch.setattr(te, "TextEncoder", no_encoder)
-    assert sample.main(_args(ckpt, tiny_models, tmp_path / "b", cache)) == 0
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "b", cache)) == 0
     assert _pngs(tmp_path / "b") == first
 
-    assert sample.main(_args(ckpt, tiny_models, tmp_path / "c", cache, "--seed", "12")) == 0
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "c", cache, "--seed", "12")) == 0
     other = _pngs(tmp_path / "c")
     # Image k uses seed + k: seed 12's first image is seed 11's second one, bytes and all.
     assert other["00000.png"] == first["00001.png"]
@@ -99,8 +101,8 @@ def test_batch_size_and_prompt_position_do_not_change_an_image(ckpt, tiny_models
 
 def test_torch_decode_matches_jax_decode(ckpt, tiny_models, tmp_path):
     cache = tmp_path / "cache"
-    assert sample.main(_args(ckpt, tiny_models, tmp_path / "j", cache)) == 0
-    assert sample.main(_args(ckpt, tiny_models, tmp_path / "t", cache, "--decode", "torch")) == 0
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "j", cache)) == 0
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "t", cache, "--decode", "torch")) == 0
     for name in ("00000.png", "00003.png"):
         j = np.asarray(Image.open(tmp_path / "j" / name), np.int16)
         t = np.asarray(Image.open(tmp_path / "t" / name), np.int16)
@@ -123,7 +125,7 @@ def test_pixel_space_model_decodes_by_range_mapping(tiny_models, tmp_path):
     )
     # No --vae / --text-encoder: both come from the manifest next to the weights.
     argv = ["--checkpoint", ckpt, "--prompt", "a cat", "--num", "1", "--steps", "2"]
-    assert sample.main([*argv, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 0
     settings = json.loads((tmp_path / "o" / "settings.json").read_text())
     assert settings["decode"]["vae"] == "pixel"
     assert settings["text_encoder"] == f"clip={tiny_models.clip}"
@@ -137,9 +139,7 @@ def test_cli_errors_name_the_missing_files(ckpt, tiny_models, tmp_path, capsys):
     out = tmp_path / "never"
 
     def run(*argv):
-        code = sample.main(
-            [*argv, "--prompt", "x", "--out", str(out), "--cache-dir", str(tmp_path)]
-        )
+        code = cli.main([*argv, "--prompt", "x", "--out", str(out), "--cache-dir", str(tmp_path)])
         return code, capsys.readouterr().err
 
     code, err = run("--checkpoint", str(tmp_path / "nope"))
@@ -164,11 +164,3 @@ def test_cli_errors_name_the_missing_files(ckpt, tiny_models, tmp_path, capsys):
     code, err = run("--checkpoint", ckpt, "--text-encoder", "t5=google/t5")
     assert code == 2 and "pooled" in err
     assert not out.exists()  # every error came before any work
-
-
-def test_defaults_match_the_data_stage():
-    from data_prep.autoencoders import DEFAULT_VAE, PIXEL
-    from data_prep.text_encoders import DEFAULT_TEXT_ENCODER
-
-    assert (sample.DEFAULT_VAE, sample.PIXEL) == (DEFAULT_VAE, PIXEL)
-    assert sample.DEFAULT_TEXT_ENCODER == DEFAULT_TEXT_ENCODER

@@ -4,7 +4,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from at1_jax import sharding
+from at1_jax.train import sharding
 
 
 def test_make_mesh_fills_the_free_axis():

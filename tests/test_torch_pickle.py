@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from at1_jax import torch_pickle
+from at1_jax.model import torch_pickle
 
 
 def test_reads_dtypes_views_and_containers_like_torch(tmp_path):

@@ -14,15 +14,18 @@ import pytest
 from fixtures_shards import make_dataset
 from flax import nnx
 
-from at1_jax import checkpoint, config, sharding, train, train_step
+from at1_jax.checkpointing import checkpoints as checkpoint
+from at1_jax.train import config, sharding
+from at1_jax.train import step as train_step
+from at1_jax.train import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = """
 import dataclasses
-from at1_jax.config import *
-from at1_jax.diffusion import ObjectiveConfig
-from at1_jax.presets import PRESETS
+from at1_jax.train.config import *
+from at1_jax.model.objective import ObjectiveConfig
+from at1_jax.model.presets import PRESETS
 
 def get_config():
     return TrainConfig(
@@ -143,7 +146,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
     # Poison every latent of one shard: the first batches that touch it go non-finite.
     import io
 
-    from data_prep import schema
+    from at1_io import schema
 
     manifest = schema.load_manifest((tmp_path / "ds" / "manifest.json").read_text())
     samples = []
@@ -191,14 +194,14 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     tx = train_step.make_optimizer(cfg_ft.optim, 1)
     spec = train_step.state_spec(cfg_ft, tx, mesh)
     model = train.initial_model(cfg_ft, spec)
-    from at1_jax import weights
+    from at1_jax.model import weights
 
     stored = weights.model_arrays(weights.load(weights_dir))
     assert weights.model_arrays(model).keys() == stored.keys()
     for k, v in weights.model_arrays(model).items():
         np.testing.assert_array_equal(v, stored[k])
     # The sample CLI loads a run folder (latest checkpoint's EMA) and the exported weights.
-    from at1_jax.sample import load_denoiser
+    from at1_jax.generate.pipeline import load_denoiser
 
     run_model, run_info = load_denoiser(str(tmp_path / "a"))
     assert run_info["source"] == "checkpoint" and run_info["step"] == 6
@@ -208,7 +211,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         np.testing.assert_array_equal(x, y)
     # A fresh one-device process (what the sample CLI is) restores the 4-device checkpoint.
     code = (
-        "from at1_jax.sample import load_denoiser; import sys; "
+        "from at1_jax.generate.pipeline import load_denoiser; import sys; "
         "m, info = load_denoiser(sys.argv[1]); print('step', info['step'], m.cfg.depth)"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

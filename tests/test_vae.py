@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from flax import nnx
 
-from at1_jax.vae import GroupNorm, VAEConfig, VAEDecoder, load_vae_decoder
+from at1_jax.decode.vae import GroupNorm, VAEConfig, VAEDecoder, load_vae_decoder
 
 TINY = {
     "block_out_channels": (8, 16, 16, 16),

@@ -1,0 +1,10 @@
+"""Facts both halves must agree on, defined once (no torch, no jax)."""
+
+# Default models of the data stage, which generation falls back to for data sets without them.
+DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
+DEFAULT_TEXT_ENCODER = "clip=openai/clip-vit-large-patch14"
+# The pass-through autoencoder: images are stored as pixels in [-1, 1] instead of latents.
+PIXEL = "pixel"
+# The references feed the raw VAE latent divided by 8 (spec section 1); decoding multiplies
+# by 8 again.
+REFERENCE_LATENT_SCALE = 8.0

@@ -1,0 +1,1 @@
+"""Benchmarks of the model, the sharded train step and the sampler."""

@@ -1,0 +1,1 @@
+"""Orbax checkpoints of training runs, local or on S3."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID (Inception features), CLIP score and the evaluate CLI."""

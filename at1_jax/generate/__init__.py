@@ -1,0 +1,1 @@
+"""Generation: the sampling pipeline, model and prompt loading, and the sample CLI."""

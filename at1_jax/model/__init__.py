@@ -1,0 +1,1 @@
+"""The denoiser: modules, presets, objective, samplers, weights I/O and FLOP accounting."""

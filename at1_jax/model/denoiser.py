@@ -1,0 +1,328 @@
+"""The AT-1 / TLD latent transformer denoiser in Flax NNX (see shared spec, section 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from at1_jax.model.depthwise import depthwise_conv3x3
+
+BLOCKS = ("prenorm", "legacy")
+ATTENTION = ("auto", "xla", "cudnn")
+DEPTHWISE = ("auto", "conv", "shift")
+DTYPES = ("float32", "bfloat16", "float16")
+LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
+# Fields that change how the model computes, not which weights it has.
+NUMERICS = ("dtype", "remat", "attention", "depthwise", "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserConfig:
+    """Sizes and numerics of the denoiser; `presets.PRESETS` names the published ones."""
+
+    latent_size: int = 32
+    latent_channels: int = 4
+    patch_size: int = 2
+    width: int = 512
+    depth: int = 6
+    noise_embed_dims: int = 128
+    text_dim: int = 768
+    mlp_mult: int = 4
+    cross_heads: int | None = 4  # None: width // head_dim, as in TLD's prenorm code.
+    head_dim: int = 64
+    block: str = "legacy"
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters are always float32.
+    remat: bool = False
+    attention: str = "auto"
+    depthwise: str = "auto"
+
+    def __post_init__(self):
+        for name in ("latent_size", "latent_channels", "patch_size", "width", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("noise_embed_dims", "text_dim", "mlp_mult", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(
+                f"model.latent_size={self.latent_size} is not a multiple of "
+                f"model.patch_size={self.patch_size}"
+            )
+        if self.width % self.head_dim:
+            raise ValueError(
+                f"model.width={self.width} is not a multiple of model.head_dim={self.head_dim}"
+            )
+        if self.noise_embed_dims % 2:
+            raise ValueError(f"model.noise_embed_dims must be even, got {self.noise_embed_dims}")
+        if self.cross_heads is not None and (self.cross_heads < 1 or self.width % self.cross_heads):
+            raise ValueError(
+                f"model.cross_heads={self.cross_heads} must divide model.width={self.width}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (
+            ("block", BLOCKS),
+            ("attention", ATTENTION),
+            ("depthwise", DEPTHWISE),
+            ("dtype", DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+    def architecture(self) -> DenoiserConfig:
+        """This config with the numerics options at their defaults: what the weights fit."""
+        return dataclasses.replace(self, **{k: getattr(DenoiserConfig, k) for k in NUMERICS})
+
+    @property
+    def grid(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def self_heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def n_cross_heads(self) -> int:
+        return self.cross_heads or self.self_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that travels with the weights (PyTorch's register_buffer)."""
+
+
+def angular_speeds(noise_embed_dims: int) -> np.ndarray:
+    """2π·f for F/2 frequencies spaced geometrically in [1, 1000], computed in float64."""
+    freqs = np.exp(np.linspace(math.log(1.0), math.log(1000.0), noise_embed_dims // 2))
+    return (2.0 * math.pi * freqs).astype(np.float32)
+
+
+def _torch_uniform(fan_in: int):
+    """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), for weights and biases alike."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _linear(cfg, n_in, n_out, axes, rngs, use_bias=True) -> nnx.Linear:
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=use_bias,
+        dtype=cfg.compute_dtype,
+        kernel_init=_torch_uniform(n_in),
+        bias_init=_torch_uniform(n_in),
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": axes[1:]},
+        rngs=rngs,
+    )
+
+
+def _layer_norm(cfg, n, axis, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        n,
+        epsilon=LN_EPS,
+        dtype=cfg.compute_dtype,
+        use_fast_variance=False,  # E[x²]−E[x]² loses ~1e-4 against PyTorch in fp32.
+        scale_metadata={"logical_axes": (axis,)},
+        bias_metadata={"logical_axes": (axis,)},
+        rngs=rngs,
+    )
+
+
+def _gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _split_heads(x_BTE, n_heads: int, strided: bool):
+    """(B, T, E) → (B, T, N, H); strided: channel c goes to head c mod N (legacy layout)."""
+    B, T, E = x_BTE.shape
+    if strided:
+        return x_BTE.reshape(B, T, E // n_heads, n_heads).swapaxes(2, 3)
+    return x_BTE.reshape(B, T, n_heads, E // n_heads)
+
+
+def _merge_heads(x_BTNH, strided: bool):
+    B, T, N, H = x_BTNH.shape
+    if strided:
+        x_BTNH = x_BTNH.swapaxes(2, 3)
+    return x_BTNH.reshape(B, T, N * H)
+
+
+def _attend(q_BTNH, k_BSNH, v_BSNH, impl: str):
+    if impl == "auto":
+        use_cudnn = jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if use_cudnn else "xla"
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation=impl)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection and no output projection."""
+
+    def __init__(self, cfg: DenoiserConfig, rngs: nnx.Rngs):
+        self.qkv_linear = _linear(cfg, cfg.width, 3 * cfg.width, ("embed", "qkv"), rngs, False)
+        self.heads = cfg.self_heads
+        self.strided = cfg.block == "legacy"
+        self.impl = cfg.attention
+
+    def __call__(self, h_BTE):
+        q, k, v = jnp.split(self.qkv_linear(h_BTE), 3, axis=-1)
+        q, k, v = (_split_heads(t, self.heads, self.strided) for t in (q, k, v))
+        return _merge_heads(_attend(q, k, v, self.impl), self.strided)
+
+
+class CrossAttention(nnx.Module):
+    """Attention from image tokens to the two conditioning tokens; no output projection."""
+
+    def __init__(self, cfg: DenoiserConfig, rngs: nnx.Rngs):
+        self.q_linear = _linear(cfg, cfg.width, cfg.width, ("embed", "qkv"), rngs, False)
+        self.kv_linear = _linear(cfg, cfg.width, 2 * cfg.width, ("embed", "qkv"), rngs, False)
+        self.heads = cfg.n_cross_heads
+        self.strided = cfg.block == "legacy"
+        # Two keys: a fused kernel gains nothing and cuDNN rejects some legacy head sizes.
+        self.impl = "xla"
+
+    def __call__(self, h_BTE, ctx_BSE):
+        q = _split_heads(self.q_linear(h_BTE), self.heads, self.strided)
+        k, v = jnp.split(self.kv_linear(ctx_BSE), 2, axis=-1)
+        k, v = (_split_heads(t, self.heads, self.strided) for t in (k, v))
+        return _merge_heads(_attend(q, k, v, self.impl), self.strided)
+
+
+class ConvMLP(nnx.Module):
+    """LocalViT MLP: 1×1 conv, depthwise 3×3 conv, exact GELU, 1×1 conv, dropout."""
+
+    def __init__(self, cfg: DenoiserConfig, rngs: nnx.Rngs):
+        hidden = cfg.mlp_mult * cfg.width
+        self.fc1 = _linear(cfg, cfg.width, hidden, ("embed", "mlp"), rngs)
+        init = _torch_uniform(9)
+        self.dw_kernel = nnx.Param(
+            init(rngs.params(), (3, 3, hidden)), logical_axes=(None, None, "mlp")
+        )
+        self.dw_bias = nnx.Param(init(rngs.params(), (hidden,)), logical_axes=("mlp",))
+        self.fc2 = _linear(cfg, hidden, cfg.width, ("mlp", "embed"), rngs)
+        self.grid = cfg.grid
+        self.dropout = cfg.dropout
+        self.impl = cfg.depthwise
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, h_BTE, dropout_key=None):
+        B, T, _ = h_BTE.shape
+        x_BTM = self.fc1(h_BTE)
+        x_BHWM = x_BTM.reshape(B, self.grid, self.grid, -1)
+        w, b = self.dw_kernel[...].astype(self.dtype), self.dw_bias[...].astype(self.dtype)
+        x_BHWM = _gelu(depthwise_conv3x3(x_BHWM, w, b, self.impl))
+        y_BTE = self.fc2(x_BHWM.reshape(B, T, -1))
+        if dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, y_BTE.shape)
+            y_BTE = jnp.where(keep, y_BTE / (1.0 - self.dropout), 0).astype(y_BTE.dtype)
+        return y_BTE
+
+
+class Block(nnx.Module):
+    """Self-attention, cross-attention to the conditioning tokens, conv MLP."""
+
+    def __init__(self, cfg: DenoiserConfig, rngs: nnx.Rngs):
+        self.self_attention = SelfAttention(cfg, rngs)
+        self.cross_attention = CrossAttention(cfg, rngs)
+        self.mlp = ConvMLP(cfg, rngs)
+        self.norm1 = _layer_norm(cfg, cfg.width, "embed", rngs)
+        self.norm2 = _layer_norm(cfg, cfg.width, "embed", rngs)
+        self.norm3 = _layer_norm(cfg, cfg.width, "embed", rngs)
+        self.legacy = cfg.block == "legacy"
+
+    def __call__(self, h_BTE, ctx_BSE, dropout_key=None):
+        if self.legacy:
+            h_BTE = self.norm1(self.self_attention(h_BTE) + h_BTE)
+            h_BTE = self.norm2(self.cross_attention(h_BTE, ctx_BSE) + h_BTE)
+            return self.norm3(self.mlp(h_BTE, dropout_key) + h_BTE)
+        h_BTE = h_BTE + self.self_attention(self.norm1(h_BTE))
+        h_BTE = h_BTE + self.cross_attention(self.norm2(h_BTE), ctx_BSE)
+        return h_BTE + self.mlp(self.norm3(h_BTE), dropout_key)
+
+
+class Denoiser(nnx.Module):
+    """Predicts the clean latent x0 from (x_noisy, sigma, pooled text vector)."""
+
+    def __init__(self, cfg: DenoiserConfig, rngs: nnx.Rngs):
+        E, F, P = cfg.width, cfg.noise_embed_dims, cfg.patch_dim
+        self.cfg = cfg
+        self.angular_speeds = Buffer(jnp.asarray(angular_speeds(F)), logical_axes=(None,))
+        self.noise_fc1 = _linear(cfg, F, E, ("noise_feats", "embed"), rngs)
+        self.noise_fc2 = _linear(cfg, E, E, ("cond_hidden", "embed"), rngs)
+        self.label_proj = _linear(cfg, cfg.text_dim, E, ("text", "embed"), rngs)
+        self.cond_norm = _layer_norm(cfg, E, "embed", rngs)
+        # Conv2d(C → C·p·p, kernel p, stride p) acts on each patch alone: a Dense on patches.
+        self.patch_conv = _linear(cfg, P, P, ("patch_in", "patch"), rngs)
+        self.patch_norm1 = _layer_norm(cfg, P, "patch", rngs)
+        self.patch_proj = _linear(cfg, P, E, ("patch", "embed"), rngs)
+        self.patch_norm2 = _layer_norm(cfg, E, "embed", rngs)
+        self.pos_embed = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.num_tokens, E)), logical_axes=("tokens", "embed")
+        )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.out_proj = _linear(cfg, E, P, ("embed", "patch"), rngs)
+
+    def conditioning(self, sigma_B1, text_BD):
+        """The two context tokens [noise, text], layer-normed: (B, 2, E)."""
+        phase_BK = sigma_B1.astype(jnp.float32) * self.angular_speeds[...]
+        feats_BF = jnp.concatenate([jnp.sin(phase_BK), jnp.cos(phase_BK)], axis=-1)
+        noise_BE = self.noise_fc2(_gelu(self.noise_fc1(feats_BF)))
+        text_BE = self.label_proj(text_BD)
+        return self.cond_norm(jnp.stack([noise_BE, text_BE], axis=1))
+
+    def patchify(self, x_BCHW):
+        """(B, C, H, W) → (B, T, C·p·p), tokens row-major, patch vector (C, p-row, p-col)."""
+        B, C = x_BCHW.shape[:2]
+        p, g = self.cfg.patch_size, self.cfg.grid
+        x = x_BCHW.reshape(B, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, g * g, C * p * p)
+
+    def unpatchify(self, t_BTP):
+        """Inverse of `patchify`."""
+        B = t_BTP.shape[0]
+        C, p, g = self.cfg.latent_channels, self.cfg.patch_size, self.cfg.grid
+        x = t_BTP.reshape(B, g, g, C, p, p).transpose(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, C, g * p, g * p)
+
+    def __call__(self, x_BCHW, sigma_B1, text_BD, *, dropout_key=None):
+        cfg = self.cfg
+        expected = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        if x_BCHW.shape[1:] != expected:
+            raise ValueError(f"latent shape {x_BCHW.shape[1:]} != model's (C, H, W) {expected}")
+        dtype = cfg.compute_dtype
+        ctx_BSE = self.conditioning(sigma_B1, text_BD.astype(dtype))
+        h = self.patch_norm1(self.patch_conv(self.patchify(x_BCHW.astype(dtype))))
+        h_BTE = self.patch_norm2(self.patch_proj(h)) + self.pos_embed[...].astype(dtype)
+        call = nnx.remat(Block.__call__) if cfg.remat else Block.__call__
+        for i, block in enumerate(self.blocks):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            h_BTE = call(block, h_BTE, ctx_BSE, key)
+        return self.unpatchify(self.out_proj(h_BTE)).astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable scalars (buffers such as angular_speeds are not counted)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,1 @@
+"""Training: CLI, loop, jitted step, config, shard reader, sharding, processes, reporting."""

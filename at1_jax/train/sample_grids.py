@@ -1,0 +1,79 @@
+"""Sample grids from the EMA weights for the dataset's validation prompts, during training."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from at1_io import schema, storage
+from at1_io.constants import PIXEL
+from at1_jax.decode import images
+from at1_jax.model.samplers import SamplerConfig, make_sampler
+from at1_jax.train import sharding
+from at1_jax.train.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def validation_prompts(ds: Dataset, limit: int) -> tuple[list[str], np.ndarray]:
+    """(captions, pooled text vectors) from the dataset's val_prompts.tar, at most `limit`."""
+    if not ds.manifest.val_prompts:
+        return [], np.zeros((0, ds.text_dim), np.float32)
+    url = storage.join(ds.root, ds.manifest.val_prompts.get("path", schema.VAL_PROMPTS_PATH))
+    samples = list(schema.iter_shard_samples(storage.read_bytes(url), "val_prompts"))[:limit]
+    texts = [s[schema.CAPTION_FIELD] for s in samples]
+    return texts, np.stack([s[ds.text_name] for s in samples]).astype(np.float32)
+
+
+class SampleGrids:
+    """Builds the jitted sampler once; `grid(state)` returns a uint8 image grid."""
+
+    def __init__(self, cfg, ds: Dataset, graphdef, mesh):
+        self.ds, self.cfg = ds, cfg
+        self.prompts, self.text = validation_prompts(ds, cfg.log.num_samples)
+        if not self.prompts:  # no validation prompts: unconditional samples
+            self.text = np.zeros((cfg.log.num_samples, ds.text_dim), np.float32)
+        sampler = SamplerConfig(
+            steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance, seed=cfg.seed
+        )
+
+        def denoise(x, sigma, text, params, buffers):
+            return nnx.merge(graphdef, params, buffers)(x, sigma, text)
+
+        run = make_sampler(denoise, sampler, ds.latent_shape)
+        # Replicated output: every process holds the whole batch, process 0 writes it.
+        self._run = jax.jit(run, out_shardings=sharding.replicated(mesh))
+        self._decoder = self._load_decoder()
+
+    def _load_decoder(self):
+        ae = self.ds.manifest.autoencoder
+        source = self.cfg.log.vae or ae.get("model", "")
+        if ae.get("kind") == PIXEL or source == "none" or not source:
+            return None
+        try:
+            from at1_jax.decode.vae import load_vae_decoder
+
+            return load_vae_decoder(source)[0]
+        except Exception as e:  # no weights offline: show latents instead of failing the run
+            log.warning("sample grids show latents: cannot load VAE %r (%s)", source, e)
+            return None
+
+    def grid(self, state: dict) -> np.ndarray:
+        key = jax.random.key(self.cfg.seed)
+        latents = np.asarray(self._run(self.text, key, state["ema"], state["buffers"]))
+        latents = latents / self.ds.latent_scale  # back to the encoder's own latents
+        if self.ds.manifest.autoencoder.get("kind") == PIXEL:
+            pictures = (latents.transpose(0, 2, 3, 1) + 1.0) / 2.0
+        elif self._decoder is not None:
+            pictures = np.asarray(self._decoder.decode_to_images(latents))
+        else:
+            pictures = images.latents_to_images(latents)
+        return images.grid(pictures)
+
+
+def write_grid(run_dir: str, step: int, grid_HWC: np.ndarray) -> str:
+    return images.save_png(grid_HWC, os.path.join(run_dir, "samples", f"step_{step:08d}.png"))

@@ -1,0 +1,215 @@
+"""The train state (params, EMA, optimiser state, step), its shardings, and the pure step."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from at1_jax.model.denoiser import Denoiser, DenoiserConfig
+from at1_jax.model.objective import ema_update, training_targets, x0_loss
+from at1_jax.train import sharding
+from at1_jax.train.config import OptimConfig, TrainConfig
+
+# Purposes of the per-step key, split from fold_in(key(seed), step).
+_INIT, _LATENT, _OBJECTIVE, _DROPOUT = range(4)
+
+
+def learning_rate(o: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or cosine decay to lr·final_lr_ratio."""
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, o.lr, o.warmup_steps, max(total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio
+        )
+    if o.warmup_steps == 0:
+        return optax.constant_schedule(o.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+        [o.warmup_steps],
+    )
+
+
+def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clipping (optional) then AdamW; weight decay spares biases, norms and 1-D weights."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.adamw(
+        learning_rate(o, total_steps),
+        o.b1,
+        o.b2,
+        o.eps,
+        weight_decay=o.weight_decay,
+        mask=decay_mask,
+    )
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+
+
+def _pure(state: nnx.State):
+    return nnx.to_pure_dict(state)
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """The model graph, the abstract train state, and the shardings of both it and batches."""
+
+    graphdef: nnx.GraphDef
+    abstract: dict
+    shardings: dict
+    batch: NamedSharding
+    mesh: Mesh
+
+
+def _new_model(cfg: DenoiserConfig, seed: int) -> Denoiser:
+    return Denoiser(cfg, nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), _INIT)))
+
+
+def state_spec(cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh) -> StateSpec:
+    """Shapes and shardings of the train state, computed without allocating it."""
+    model = nnx.eval_shape(lambda: _new_model(cfg.model, cfg.seed))
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    rules = cfg.mesh.rules
+    param_sh = _pure(sharding.state_shardings(params, mesh, rules))
+    buffer_sh = _pure(sharding.state_shardings(buffers, mesh, rules))
+    abstract_params = _pure(params)
+    opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, opt, param_sh, transform_non_params=lambda _: replicated
+    )
+    abstract = {
+        "params": abstract_params,
+        "ema": abstract_params,
+        "buffers": _pure(buffers),
+        "opt": opt,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    shardings = {
+        "params": param_sh,
+        "ema": param_sh,
+        "buffers": buffer_sh,
+        "opt": opt_sh,
+        "step": replicated,
+    }
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return StateSpec(graphdef, abstract, shardings, sharding.batch_sharding(mesh, rules), mesh)
+
+
+def init_state(cfg: TrainConfig, tx, spec: StateSpec, model: Denoiser | None = None) -> dict:
+    """A fresh sharded train state from the seed, or around given weights (fine-tuning)."""
+
+    def build(params, buffers):
+        return {
+            "params": params,
+            "ema": jax.tree.map(jnp.copy, params),  # its own buffers: the step donates both
+            "buffers": buffers,
+            "opt": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    if model is None:
+
+        def fresh():
+            _, params, buffers = nnx.split(_new_model(cfg.model, cfg.seed), nnx.Param, ...)
+            return build(_pure(params), _pure(buffers))
+
+        return jax.jit(fresh, out_shardings=spec.shardings)()
+    _, params, buffers = nnx.split(model, nnx.Param, ...)
+    args = (_pure(params), _pure(buffers))
+    in_sh = (spec.shardings["params"], spec.shardings["buffers"])
+    return jax.jit(build, in_shardings=in_sh, out_shardings=spec.shardings)(*args)
+
+
+def _micro_batches(x, n: int, mesh: Mesh, batch_spec):
+    """(B, …) → (n, B/n, …) so that every micro-batch is spread over all data devices."""
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, *batch_spec)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_train_step(
+    cfg: TrainConfig, tx: optax.GradientTransformation, spec: StateSpec, latent_scale: float
+) -> Callable:
+    """The jitted step: (state, batch) → (state, metrics); the input state is donated."""
+    graphdef, objective = spec.graphdef, cfg.objective
+    accum, decay = cfg.optim.grad_accum, cfg.optim.ema_decay
+    use_dropout = cfg.model.dropout > 0
+    base_key = jax.random.key(cfg.seed)
+    schedule = learning_rate(cfg.optim, cfg.steps)
+
+    def loss_fn(params, buffers, x_noisy, sigma, text, x, k_drop):
+        model = nnx.merge(graphdef, params, buffers)
+        pred = model(x_noisy, sigma, text, dropout_key=k_drop if use_dropout else None)
+        return x0_loss(pred, x)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+        x = batch["latent"].astype(jnp.float32)
+        if "latent_std" in batch:  # re-sample the VAE posterior every time a sample is seen
+            eps = jax.random.normal(jax.random.fold_in(key, _LATENT), x.shape)
+            x = x + batch["latent_std"].astype(jnp.float32) * eps
+        x = x * latent_scale
+        text = batch["text"].astype(jnp.float32)
+        # Noise for the whole batch at once: accumulation changes only the summation order.
+        inputs = training_targets(jax.random.fold_in(key, _OBJECTIVE), x, text, objective)
+        k_drop = jax.random.fold_in(key, _DROPOUT)
+        params, buffers = state["params"], state["buffers"]
+        args = (inputs.x_noisy, inputs.sigma, inputs.text, x)
+        if accum == 1:
+            loss, grads = grad_fn(params, buffers, *args, k_drop)
+        else:
+            micro = [_micro_batches(a, accum, spec.mesh, spec.batch.spec) for a in args]
+
+            def body(carry, i):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(
+                    params, buffers, *(m[i] for m in micro), jax.random.fold_in(k_drop, i)
+                )
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), jnp.arange(accum))
+            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        new = {
+            "params": new_params,
+            "ema": ema_update(state["ema"], new_params, decay),
+            "buffers": buffers,
+            "opt": opt,
+            "step": state["step"] + 1,
+        }
+        # A non-finite step changes nothing: the host stops on the last good state.
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "finite": finite,
+        }
+        return new, metrics
+
+    replicated = sharding.replicated(spec.mesh)
+    return jax.jit(
+        step,
+        in_shardings=(spec.shardings, spec.batch),
+        out_shardings=(spec.shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def global_batch(local: dict, spec: StateSpec, global_size: int) -> dict:
+    """Process-local numpy batches → global jax.Arrays sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(spec.batch, v, (global_size, *v.shape[1:]))
+        for k, v in local.items()
+    }
