@@ -1,13 +1,16 @@
 """Tiny random VAE, CLIP, T5, BERT-sentence and LLaVA models saved to a temp dir (no hub).
 
-``tiny_models`` (session fixture) returns a ``TinyModels`` with local folder paths that the
-production loaders open with ``from_pretrained(path)``. Tokenizers are word-level, built in
-memory from ``WORDS``; every tokenizer adds ``<bos>``/``<eos>``.
+``tiny_models`` (session fixture) returns a ``TinyModels`` whose attributes are local folder
+paths that the production loaders open with ``from_pretrained(path)``. Each model is built on
+first access and reused for the rest of the session, so a test pays only for the models it
+reads. Tokenizers are word-level, built in memory from ``WORDS``; every tokenizer adds
+``<bos>``/``<eos>``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,17 +20,6 @@ WORDS = (
     "sky house on in with and describe this highly detailed manner USER ASSISTANT : ."
 ).split()
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<image>"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyModels:
-    """Paths of the saved tiny models."""
-
-    vae: str
-    clip: str
-    t5: str
-    sentence: str
-    llava: str
 
 
 def make_tokenizer(bos: bool = True):
@@ -197,18 +189,31 @@ def _llava(path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def build_tiny_models(root: Path) -> TinyModels:
-    """Build and save all tiny models under ``root``."""
-    paths = {name: root / name for name in ("vae", "clip", "t5", "sentence", "llava")}
-    _vae(paths["vae"])
-    _clip(paths["clip"])
-    _t5(paths["t5"])
-    _sentence(paths["sentence"])
-    _llava(paths["llava"])
-    return TinyModels(**{k: str(v) for k, v in paths.items()})
+def _lazy(build: Callable[[Path], None]) -> functools.cached_property:
+    """A cached property that builds one model into ``root/<name>`` and returns its path."""
+
+    def path(self: TinyModels) -> str:
+        folder = self.root / build.__name__.lstrip("_")
+        build(folder)
+        return str(folder)
+
+    return functools.cached_property(path)
+
+
+class TinyModels:
+    """Folder paths of the tiny models, each saved under ``root`` on first access."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    vae = _lazy(_vae)
+    clip = _lazy(_clip)
+    t5 = _lazy(_t5)
+    sentence = _lazy(_sentence)
+    llava = _lazy(_llava)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
-    """Tiny random models saved once per test session."""
-    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    """Tiny random models, each built once per session when a test first reads it."""
+    return TinyModels(tmp_path_factory.mktemp("tiny_models"))
