@@ -98,6 +98,13 @@ def settings_from_args(ns: argparse.Namespace) -> EncodeSettings:
     return EncodeSettings(**kwargs)
 
 
+def _warn_skips(m) -> None:
+    warning = records.skip_warning(m)
+    if warning:
+        sys.stdout.flush()  # the warning must be the last thing a terminal shows
+        print(warning, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -112,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             except records.IncompleteError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
+            except records.EmptyDatasetError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         print(f"manifest: {len(m.shards)} shards, {m.num_samples} samples")
+        _warn_skips(m)
         return 0
     ns = build_parser().parse_args(argv)
     s = settings_from_args(ns)
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = pipeline.run(s)
     except (ValueError, OSError, RuntimeError) as err:
-        # Pre-flight errors (bad settings, missing input, unreachable S3) end here, clearly.
+        # Bad settings, missing input, unreachable S3, a run that kept nothing: one clear line.
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = result.manifest
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({result.images / max(result.seconds, 1e-9):.2f} images/s)"
         + (f"; manifest: {m.num_samples} samples in {len(m.shards)} shards" if m else "")
     )
+    if m:
+        _warn_skips(m)
     return 0
 
 

@@ -88,8 +88,54 @@ class IncompleteError(RuntimeError):
     """Merge found groups that no worker has finished yet."""
 
 
+class EmptyDatasetError(RuntimeError):
+    """Every input item was skipped: no manifest is written for a data set without samples."""
+
+
+# Skip reasons that count input tars, not items.
+TAR_REASONS = frozenset({"truncated_input_tar", "corrupt_input_tar", "empty_input_tar"})
+
+
+def skip_summary(skipped: dict[str, int], kept: int) -> str:
+    """``N of M input items skipped (reason n, ...)``, the most frequent reason first."""
+    items = sum(n for r, n in skipped.items() if r not in TAR_REASONS)
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda x: (-x[1], x[0])))
+    return f"{items} of {items + kept} input items skipped ({reasons or 'no reason recorded'})"
+
+
+def skip_advice(skipped: dict[str, int], settings: dict[str, Any]) -> str:
+    """The flags that would keep the skipped items, for the reasons that have one."""
+    tips = []
+    rejected = sum(n for r, n in skipped.items() if r.startswith("license_"))
+    if rejected:
+        tips.append(
+            f"the license filter (--licenses {settings.get('licenses')}) rejected {rejected}: "
+            "pass --licenses any if you may use these images whatever their license "
+            "metadata says, or add the ids you may use to --licenses"
+        )
+    if skipped.get("missing_caption"):
+        tips.append(
+            f"{skipped['missing_caption']} had no caption: --caption missing generates them"
+        )
+    if skipped.get("too_small"):
+        tips.append(f"{skipped['too_small']} were smaller than --min-size: lower it")
+    return "; ".join(tips) or "see docs/data_prep.md (Bad input) for each reason"
+
+
+def skip_warning(manifest: schema.Manifest) -> str | None:
+    """A warning line when a run skipped more input items than it kept, else None."""
+    items = sum(n for r, n in manifest.skipped.items() if r not in TAR_REASONS)
+    if items <= manifest.num_samples:
+        return None
+    summary = skip_summary(manifest.skipped, manifest.num_samples)
+    return f"warning: {summary}; {skip_advice(manifest.skipped, manifest.settings)}"
+
+
 def merge(root: str, tmp_dir: str) -> schema.Manifest:
-    """Build manifest.json from run.json and all shard records; IncompleteError if unfinished."""
+    """Build manifest.json from run.json and all shard records.
+
+    IncompleteError if a group is unfinished, EmptyDatasetError if no sample was kept.
+    """
     run = read_json(storage.join(root, RUN_FILE))
     groups = range(run["num_groups"])
     done = {posixpath.basename(u) for u in storage.list_files(storage.join(root, "parts"))}
@@ -111,6 +157,12 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
             shards.append(
                 schema.ShardInfo(rec.name, rec.path, rec.num_samples, rec.sha256, rec.size_bytes)
             )
+    if not shards:
+        skipped = dict(totals["skipped"])
+        raise EmptyDatasetError(
+            f"no sample kept: {skip_summary(skipped, 0)}; {skip_advice(skipped, run['settings'])}. "
+            f"The settings of {root} are fixed: rerun into a new output folder"
+        )
     manifest = schema.Manifest(
         schema_version=schema.SCHEMA_VERSION,
         arrays={

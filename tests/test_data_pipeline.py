@@ -322,3 +322,42 @@ def test_storage_put_file_is_complete_or_absent(tmp_path):
     storage.put_file(str(src), str(target))
     assert target.read_bytes() == b"x" * 1000
     assert [p.name for p in target.parent.iterdir()] == ["b.bin"]  # no temp files left
+
+
+def _cli_args(tiny_models, inp, out) -> list[str]:
+    """Fast CLI arguments: pixel latents, the tiny CLIP, 32 px."""
+    return [str(inp), str(out), "--vae", "pixel", "--text-encoder", f"clip={tiny_models.clip}",
+            "--resolution", str(RES), "--min-size", "16", "--no-progress"]  # fmt: skip
+
+
+def test_run_that_keeps_no_sample_fails_with_counts_and_flag(tiny_models, tmp_path, capsys):
+    from data_prep.encode import main
+
+    write_image_folder(tmp_path / "in", 3)
+    for p in (tmp_path / "in").glob("*.json"):
+        p.unlink()  # .txt captions, no license metadata: the default filter keeps nothing
+    out = tmp_path / "out"
+    assert main(_cli_args(tiny_models, tmp_path / "in", out)) == 2
+    err = capsys.readouterr().err
+    want = "no sample kept: 3 of 3 input items skipped (license_missing 3)"
+    assert want in err and "--licenses any" in err and "new output folder" in err
+    assert not (out / schema.MANIFEST_NAME).exists()  # no manifest of an empty data set
+    assert main(["merge", str(out)]) == 2
+    assert want in capsys.readouterr().err
+
+
+def test_run_that_drops_most_samples_says_so_at_the_end(tiny_models, tmp_path, capsys):
+    from data_prep.encode import main
+
+    write_image_folder(tmp_path / "in", 3)
+    (tmp_path / "in" / "img000.json").unlink()
+    (tmp_path / "in" / "img002.json").write_text(json.dumps({"license": "CC BY-NC 2.0"}))
+    assert main(_cli_args(tiny_models, tmp_path / "in", tmp_path / "out")) == 0
+    out, err = capsys.readouterr()
+    assert "manifest: 1 samples in 1 shards" in out
+    want = "warning: 2 of 3 input items skipped (license_missing 1, license_not_allowed 1)"
+    last = err.splitlines()[-1]  # at the end, not lost among the log lines
+    assert last.startswith(want) and "--licenses any" in last
+    write_image_folder(tmp_path / "in2", 3)
+    assert main(_cli_args(tiny_models, tmp_path / "in2", tmp_path / "out2")) == 0
+    assert "warning" not in capsys.readouterr().err
