@@ -7,20 +7,25 @@ swaps in a named model preset. Everything is validated before any compilation.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import json
 import os
-import types
 import typing
 from typing import Any
 
+import tyro
+from tyro import _errors as tyro_errors  # the parse-failure hook; tyro pinned in constraints
+
 from at1_jax.model.denoiser import DenoiserConfig
 from at1_jax.model.objective import ObjectiveConfig
-from at1_jax.model.presets import PRESETS
-from at1_jax.train.sharding import DEFAULT_RULES
+from at1_jax.model.presets import PRESETS, get_preset
+from at1_jax.train.sharding import DEFAULT_RULES, MESH_AXES
 
 SCHEDULES = ("constant", "cosine")
+# Logical axis -> mesh axis, several mesh axes, or None (replicated); see sharding.py.
+MeshRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +65,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    rules: tuple = DEFAULT_RULES
+    rules: MeshRules = DEFAULT_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,67 +146,135 @@ def load_file(path: str) -> TrainConfig:
     return cfg
 
 
-def _parse_scalar(text: str, typ, where: str):
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if text.lower() in ("none", "null"):
-            return None
-        return _parse_scalar(text, args[0], where)
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(text)
-        if typ is float:
-            return float(text)
-        if typ is str:
-            return text
-        if typ is tuple or origin is tuple:
-            return _tuples(json.loads(text))
-    except (ValueError, TypeError, json.JSONDecodeError):
-        name = getattr(typ, "__name__", typ)
-        raise ConfigError(f"{where}: cannot parse {text!r} as {name}") from None
-    raise ConfigError(f"{where}: fields of type {typ} cannot be set from the command line")
+def _bool_from_text(args: list[str]) -> bool:
+    text = args[0].lower()
+    if text not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return text == "true"
 
 
-def _override(obj, path: list[str], text: str, where: str):
-    name, rest = path[0], path[1:]
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    if name not in fields:
-        raise ConfigError(f"{where}: unknown field {name!r} (known: {', '.join(fields)})")
-    typ = typing.get_type_hints(type(obj))[name]
-    current = getattr(obj, name)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{where}: {name!r} has no sub-fields")
-        value = _override(current, rest, text, where)
-    elif dataclasses.is_dataclass(typ) and typ is DenoiserConfig:
-        if text not in PRESETS:
-            raise ConfigError(f"{where}: unknown model preset {text!r}; known: {sorted(PRESETS)}")
-        value = PRESETS[text]
-    elif dataclasses.is_dataclass(current):
-        raise ConfigError(f"{where}: set the fields of section {name!r} one by one")
-    else:
-        value = _parse_scalar(text, typ, where)
+def _rules_from_text(args: list[str]) -> MeshRules:
     try:
-        return dataclasses.replace(obj, **{name: value})
-    except ValueError as e:  # a section's own __post_init__ check
-        raise ConfigError(f"{where}: {e}") from e
+        return _tuples(ast.literal_eval(args[0]))
+    except (ValueError, SyntaxError):
+        example = '[["batch", ["data", "fsdp"]], ["embed", "fsdp"]]'
+        raise ValueError(f"expected a JSON or Python literal like {example}") from None
+
+
+# tyro parses the overrides (typed CLIs over dataclasses, seeded with a default instance): it
+# resolves the string annotations of `from __future__ import annotations`, rebuilds the frozen
+# sections so their __post_init__ checks run on the combined values, and converts Optional,
+# unions and tuples. ml_collections' config_flags assigns with setattr (frozen dataclasses
+# fail) and reads unresolved string annotations; draccus has no default instance and decodes
+# `str | tuple[str, ...]` from a list by trying str first. Two rules keep the project's
+# syntax: booleans in any case (tyro's own are True/False) and the rules tuple as a literal.
+_REGISTRY = tyro.constructors.ConstructorRegistry()
+
+
+@_REGISTRY.primitive_rule
+def _project_rules(info: tyro.constructors.PrimitiveTypeInfo):
+    if info.type is bool:
+        return tyro.constructors.PrimitiveConstructorSpec(
+            nargs=1,
+            metavar="{true,false}",
+            instance_from_str=_bool_from_text,
+            is_instance=lambda x: isinstance(x, bool),
+            str_from_instance=lambda x: [str(x).lower()],
+        )
+    if info.type == MeshRules:
+        return tyro.constructors.PrimitiveConstructorSpec(
+            nargs=1,
+            metavar="RULES",
+            instance_from_str=_rules_from_text,
+            is_instance=lambda x: isinstance(x, tuple),
+            str_from_instance=lambda x: [json.dumps(x)],
+        )
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _CommandLine:
+    """The `--config.…` namespace that tyro parses."""
+
+    config: TrainConfig
+
+
+def _flag_key(token: str) -> str:
+    """`config.a.b` from `--config.a-b=…`: tyro accepts - and _ alike."""
+    return token.lstrip("-").partition("=")[0].replace("-", "_")
+
+
+def _not_a_field(cfg: TrainConfig, token: str) -> str:
+    """Why tyro did not recognise `token`: an unknown name, or a whole section."""
+    obj, parts = cfg, _flag_key(token).split(".")[1:]
+    for i, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if name not in names:
+            where = ".".join(["config", *parts[:i]])
+            if not names:
+                return f"{token}: {where} has no sub-fields"
+            return f"{token}: unknown field {name!r} in {where} (known: {', '.join(names)})"
+        obj = getattr(obj, name)
+    if dataclasses.is_dataclass(obj):
+        return f"{token}: set the fields of section {parts[-1]!r} one by one"
+    return f"{token}: not recognised as a config field"
+
+
+def _parse_error(cfg: TrainConfig, args: list[str], event) -> None:
+    """tyro's parse-failure hook: raise a one-line ConfigError naming flag, value and want."""
+    if isinstance(event, tyro_errors.UnrecognizedArgs):
+        raise ConfigError("; ".join(_not_a_field(cfg, t) for t in event.tokens))
+    argument = getattr(event, "argument", None)
+    reason = event.message if isinstance(event, tyro_errors.InstantiationFailure) else ""
+    if isinstance(event, tyro_errors.InvalidChoice):
+        reason = f"expected one of {', '.join(event.choices)}"
+    reason = " ".join(reason.split()) or type(event).__name__
+    if argument is None:  # a section's own __post_init__ check, which names the field
+        raise ConfigError(reason)
+    key = _flag_key(argument.display_name())
+    token = ([a for a in args if _flag_key(a) == key] or [argument.display_name()])[-1]
+    text = token.partition("=")[2]
+    typ = argument.field.type_stripped
+    name = typ.__name__ if isinstance(typ, type) else str(typ)
+    raise ConfigError(f"{token}: cannot parse {text!r} as {name}: {reason}")
+
+
+def _parse(cfg: TrainConfig, args: list[str]) -> TrainConfig:
+    if not args:
+        return cfg
+    with tyro_errors.on_parse_error(lambda event: _parse_error(cfg, args, event)):
+        try:
+            return tyro.cli(
+                _CommandLine,
+                default=_CommandLine(cfg),
+                args=args,
+                prog="--config",
+                add_help=False,
+                use_underscores=True,
+                config=(tyro.conf.FlagConversionOff,),
+                registry=_REGISTRY,
+            ).config
+        except SystemExit as e:  # a failure tyro reported on stderr without calling the hook
+            raise ConfigError(f"overrides {args} rejected (see the message above)") from e
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `--config.a.b=value` (or `config.a.b=value`) strings in order."""
+    """Apply `--config.a.b=value` (or `config.a.b=value`) strings; a later one wins."""
+    pending: list[str] = []
     for item in overrides:
         key, sep, text = item.lstrip("-").partition("=")
         if not sep or not key.startswith("config."):
             raise ConfigError(f"override {item!r} must look like --config.section.field=value")
-        cfg = _override(cfg, key.split(".")[1:], text, f"--{key}")
-    return cfg
+        if key == "config.model":  # a preset replaces the whole model, in command-line order
+            try:
+                model = get_preset(text)
+            except ValueError as e:
+                raise ConfigError(f"--{key}={text}: {e}") from None
+            cfg = dataclasses.replace(_parse(cfg, pending), model=model)
+            pending = []
+        else:
+            pending.append(f"--{key}={text}")
+    return _parse(cfg, pending)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -248,6 +321,19 @@ def validate(cfg: TrainConfig) -> None:
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, axis)
         need(size == -1 or size >= 1, f"mesh.{axis}", ">= 1 or -1")
+
+    def mesh_axes(target) -> bool:
+        names = target if isinstance(target, tuple) else (target,)
+        return target is None or all(isinstance(a, str) and a in MESH_AXES for a in names)
+
+    need(
+        all(
+            isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and mesh_axes(r[1])
+            for r in cfg.mesh.rules
+        ),
+        "mesh.rules",
+        f"(logical axis, mesh axis or tuple of them or None) pairs over {MESH_AXES}",
+    )
 
 
 def to_json(cfg: TrainConfig) -> str:
