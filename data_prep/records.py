@@ -99,8 +99,10 @@ TAR_REASONS = frozenset({"truncated_input_tar", "corrupt_input_tar", "empty_inpu
 def skip_summary(skipped: dict[str, int], kept: int) -> str:
     """``N of M input items skipped (reason n, ...)``, the most frequent reason first."""
     items = sum(n for r, n in skipped.items() if r not in TAR_REASONS)
+    tars = sum(n for r, n in skipped.items() if r in TAR_REASONS)
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda x: (-x[1], x[0])))
-    return f"{items} of {items + kept} input items skipped ({reasons or 'no reason recorded'})"
+    bad_tars = f", {tars} input tars empty, corrupt or cut short" if tars else ""
+    return f"{items} of {items + kept} input items skipped{bad_tars} ({reasons or 'no reason'})"
 
 
 def skip_advice(skipped: dict[str, int], settings: dict[str, Any]) -> str:
@@ -119,6 +121,8 @@ def skip_advice(skipped: dict[str, int], settings: dict[str, Any]) -> str:
         )
     if skipped.get("too_small"):
         tips.append(f"{skipped['too_small']} were smaller than --min-size: lower it")
+    if any(r in TAR_REASONS for r in skipped):
+        tips.append("the log names each damaged tar: download it again")
     return "; ".join(tips) or "see docs/data_prep.md (Bad input) for each reason"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from at1_io import schema, storage
+from at1_io import storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("caption", "text", "TEXT", "title")
@@ -144,6 +144,19 @@ class FolderSource:
             yield RawSample(rel, data, None, caption, meta, repairs)
 
 
+class NoEndBlock(tarfile.ReadError):
+    """A tar whose members stop before its end-of-archive block (cut short or overwritten)."""
+
+
+def _tar_failure(err: Exception, found: bool) -> str:
+    """Skip reason of a tar that failed: empty, not a tar at all, or damaged after samples."""
+    if str(err) == "empty file":  # tarfile's message for a zero-byte file
+        return "empty_input_tar"
+    if not found and not isinstance(err, NoEndBlock):
+        return "corrupt_input_tar"
+    return "truncated_input_tar"
+
+
 class TarSource:
     """img2dataset / webdataset tars: members ``{key}.{jpg,png,webp}``, ``.txt``, ``.json``."""
 
@@ -170,32 +183,44 @@ class TarSource:
         return None
 
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
-        """Samples of tar g; a truncated/corrupt tar ends with a ReadFailure."""
+        """Whole samples of tar g; a damaged tar ends with a ReadFailure.
+
+        A sample is whole once the header of another key's member follows it, or the tar's
+        end-of-archive block does. A cut or corrupt tar drops the sample it was reading (a
+        ``partial_sample`` item: it may have lost its caption or license fields).
+        """
         name = posixpath.basename(self.tars[g])
         current: dict[str, bytes] = {}
-        key = None
+        key = None  # key of the sample being read
+        found = False
         try:
             with self.fs.open(self.tars[g], "rb") as f:
-                for member_name, data in schema.iter_tar_files(f):
-                    base = posixpath.basename(member_name)
-                    if "." not in base or base.startswith("."):
-                        continue
-                    mkey = posixpath.join(posixpath.dirname(member_name), base.split(".", 1)[0])
-                    ext = base.split(".", 1)[1].lower()
-                    if mkey != key and current:
-                        yield self._sample(name, key, current)
-                        current = {}
-                    key = mkey
-                    current[ext] = data
-        except (tarfile.TarError, EOFError, OSError) as e:
-            # Every member of `current` was read whole; the broken one may be its last field
-            # or the next sample's first, so keep `current` if it has its image.
-            if any(ext in current for ext in ("jpg", "jpeg", "png", "webp")):
-                yield self._sample(name, key, current)
-            yield ReadFailure("truncated_input_tar", f"{name}: {e}")
+                # Random access mode: after the last member the end block can be checked.
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for member in tar:
+                        base = posixpath.basename(member.name)
+                        if not member.isfile() or "." not in base or base.startswith("."):
+                            continue
+                        mkey = posixpath.join(posixpath.dirname(member.name), base.split(".")[0])
+                        if mkey != key and current:
+                            yield self._sample(name, key, current)
+                            current = {}
+                        key, found = mkey, True
+                        current[base.split(".", 1)[1].lower()] = tar.extractfile(member).read()
+                    f.seek(tar.offset)
+                    end = f.read(tarfile.BLOCKSIZE)
+                    if end != bytes(tarfile.BLOCKSIZE):
+                        what = "ends" if len(end) < tarfile.BLOCKSIZE else "has no tar header"
+                        raise NoEndBlock(f"{what} at byte {tar.offset}, before its end block")
+        except (tarfile.TarError, EOFError) as e:
+            if key is not None:
+                yield RawSample(f"{name}/{key}", skip_reason="partial_sample")
+            yield ReadFailure(_tar_failure(e, found), f"{name}: {e}")
             return
         if current:
             yield self._sample(name, key, current)
+        elif not found:
+            yield ReadFailure("empty_input_tar", f"{name}: no samples")
 
     @staticmethod
     def _sample(tar_name: str, key: str, fields: dict[str, bytes]) -> RawSample:

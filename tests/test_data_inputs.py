@@ -50,12 +50,64 @@ def test_img2dataset_tars_with_a_truncated_one(tiny_models, tmp_path):
     assert [s["json"]["source"] for s in samples] == [
         "00000.tar/000000000", "00000.tar/000000001", "00000.tar/000000002", "00001.tar/000000003",
     ]  # fmt: skip
-    assert m.skipped == {"truncated_input_tar": 1}
+    assert m.skipped == {"partial_sample": 1, "truncated_input_tar": 1}  # sample 4 is counted
     assert m.licenses == {"cc-by-sa": 4}
     assert samples[1]["caption"] == "a photo of a dog 1"
     assert samples[1]["json"]["url"] == "http://img/1"
     assert samples[1]["json"]["source_meta"]["key"] == "000000001"
     np.testing.assert_allclose(samples[2]["latent_mean"], reference_crop(arrays[2]), atol=1e-3)
+
+
+def _cut(path, member, into):
+    """Cut a tar `into` bytes into the data of `member` (negative: into its header)."""
+    with tarfile.open(path) as tar:
+        m = tar.getmember(member)
+    full = path.read_bytes()
+    path.write_bytes(full[: (m.offset_data if into >= 0 else m.offset) + abs(into)])
+
+
+def test_tars_cut_inside_a_sample_keep_only_whole_samples(tiny_models, tmp_path):
+    inp = tmp_path / "tars"
+    inp.mkdir()
+    for t in range(3):
+        _img2dataset_tar(inp / f"{t:05d}.tar", 3 * t, 3)
+    _cut(inp / "00000.tar", "000000001.json", 10)  # sample 1 lost its license metadata
+    _cut(inp / "00001.tar", "000000004.txt", 3)  # sample 4 lost its caption (and its json)
+    # Cut inside the header after sample 7's json: nothing says sample 7 had no more members.
+    _cut(inp / "00002.tar", "000000008.png", -100)
+    s = settings(tiny_models, inp, tmp_path / "out", vae="pixel", licenses="any")
+    pipeline.run(s)
+    m, samples = read_dataset(tmp_path / "out")
+    assert [smp["json"]["source"] for smp in samples] == [
+        "00000.tar/000000000", "00001.tar/000000003", "00002.tar/000000006",
+    ]  # fmt: skip
+    assert m.skipped == {"partial_sample": 3, "truncated_input_tar": 3}
+    assert m.licenses == {"cc-by-sa": 3}  # no sample of unknown license slipped through
+    assert [smp["caption"] for smp in samples] == [f"a photo of a dog {i}" for i in (0, 3, 6)]
+
+
+def test_empty_and_garbage_tars_are_bad_input(tiny_models, tmp_path, capsys):
+    from test_data_pipeline import _cli_args
+
+    from data_prep.encode import main
+
+    inp = tmp_path / "tars"
+    inp.mkdir()
+    _img2dataset_tar(inp / "00000.tar", 0, 2)
+    (inp / "00001.tar").write_bytes(b"")
+    (inp / "00002.tar").write_bytes(b"<html>404 not found</html>" * 40)
+    (inp / "00003.tar").write_bytes(bytes(10240))  # a valid tar without members
+    full = tmp_path / "full"
+    pipeline.run(settings(tiny_models, inp, full, vae="pixel"))
+    m, samples = read_dataset(full)
+    assert len(samples) == 2
+    assert m.skipped == {"corrupt_input_tar": 1, "empty_input_tar": 2}
+    for name in ("00000.tar", "00003.tar"):
+        (inp / name).unlink()
+    assert main(_cli_args(tiny_models, inp, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "no sample kept: 0 of 0 input items skipped, 2 input tars" in err
+    assert "(corrupt_input_tar 1, empty_input_tar 1)" in err
 
 
 def _table_rows(root):
