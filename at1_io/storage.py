@@ -119,6 +119,20 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return sorted(prefix + p for p, info in found.items() if info.get("type") == "file")
 
 
+def get_file(url: str, local_path: str) -> None:
+    """Download ``url`` to ``local_path``, which appears only once complete."""
+    fs, path = get_fs(url)
+    folder = os.path.dirname(os.path.abspath(local_path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(local_path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def put_file(local_path: str, url: str) -> None:
     """Publish a finished local file at ``url``: it appears only once complete.
 

@@ -190,10 +190,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     cfg_ft = config.apply_overrides(
         config.load_file(ft), [f"--config.checkpoint.init_from={weights_dir}"]
     )
-    mesh = sharding.make_mesh(2, 2, devices=jax.devices()[:4])
-    tx = train_step.make_optimizer(cfg_ft.optim, 1)
-    spec = train_step.state_spec(cfg_ft, tx, mesh)
-    model = train.initial_model(cfg_ft, spec)
+    model = train.initial_model(cfg_ft)
     from at1_jax.model import weights
 
     stored = weights.model_arrays(weights.load(weights_dir))
@@ -201,9 +198,9 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     for k, v in weights.model_arrays(model).items():
         np.testing.assert_array_equal(v, stored[k])
     # The sample CLI loads a run folder (latest checkpoint's EMA) and the exported weights.
-    from at1_jax.generate.pipeline import load_denoiser
+    from at1_jax.checkpointing.load import load_model
 
-    run_model, run_info = load_denoiser(str(tmp_path / "a"))
+    run_model, run_info = load_model(str(tmp_path / "a"))
     assert run_info["source"] == "checkpoint" and run_info["step"] == 6
     ema6 = final_state(cfg)[0]["ema"]
     got = nnx.to_pure_dict(nnx.state(run_model, nnx.Param))
@@ -211,8 +208,8 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         np.testing.assert_array_equal(x, y)
     # A fresh one-device process (what the sample CLI is) restores the 4-device checkpoint.
     code = (
-        "from at1_jax.generate.pipeline import load_denoiser; import sys; "
-        "m, info = load_denoiser(sys.argv[1]); print('step', info['step'], m.cfg.depth)"
+        "from at1_jax.checkpointing.load import load_model; import sys; "
+        "m, info = load_model(sys.argv[1]); print('step', info['step'], m.cfg.depth)"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     out = subprocess.run(
@@ -223,9 +220,21 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         text=True,
     )
     assert out.returncode == 0 and "step 6 2" in out.stdout, out.stderr[-2000:]
-    _, info = load_denoiser(weights_dir)
+    _, info = load_model(weights_dir)
     assert info["text_encoder"] == "clip=tiny" and info["latent_scale"] == 8.0
     assert run_info["text_encoder"] == "clip=tiny" and run_info["latent_scale"] == 8.0
+    # init_from also takes a run folder (its latest EMA), and names a bad path.
+    from_run = train.initial_model(
+        config.apply_overrides(cfg_ft, [f"--config.checkpoint.init_from={tmp_path / 'a'}"])
+    )
+    got = nnx.to_pure_dict(nnx.state(from_run, nnx.Param))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ema6), strict=True):
+        np.testing.assert_array_equal(x, y)
+    missing = config.apply_overrides(cfg_ft, [f"--config.checkpoint.init_from={tmp_path}/nope"])
+    with pytest.raises(
+        config.ConfigError, match=r"config.checkpoint.init_from: .*nope.* not found"
+    ):
+        train.initial_model(missing)
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from at1_io import storage
+from at1_jax import torch_bridge
 from at1_jax.decode import images
 from at1_jax.evaluate import inception, metrics
 from at1_jax.generate import pipeline as sample
@@ -63,23 +65,9 @@ def inception_extractor(path: str, batch_size: int = 32) -> FeatureExtractor:
 # ----------------------------------------------------------------------------- data
 
 
-def _open(path: str):
-    import fsspec
-
-    return fsspec.open(path, "rb")
-
-
-def _exists(path: str) -> bool:
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
-
-
 def read_coco_captions(path: str, num: int) -> list[tuple[str, str]]:
     """(file_name, caption) for the first `num` images by id, each with its first caption."""
-    with _open(path) as f:
-        coco = json.load(f)
+    coco = json.loads(storage.read_bytes(path))
     try:
         names = {im["id"]: im["file_name"] for im in coco["images"]}
         first: dict[int, str] = {}
@@ -98,8 +86,7 @@ def read_coco_captions(path: str, num: int) -> list[tuple[str, str]]:
 
 def load_reference(path: str, size: int) -> np.ndarray:
     """uint8 HWC: center-cropped to a square, resized to size×size (bicubic), RGB."""
-    with _open(path) as f:
-        img = Image.open(io.BytesIO(f.read())).convert("RGB")
+    img = Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -182,10 +169,10 @@ def _check_files(args, want: set[str], need_inception: bool) -> sample.Pipeline:
         except sample.MissingFiles as e:
             problems.append(str(e))
     for what, path in (("captions file", args.captions), ("reference images", args.images)):
-        if not _exists(path):
+        if not storage.exists(path):
             problems.append(f"{what} {path} not found")
     captions = None
-    if _exists(args.captions):
+    if storage.exists(args.captions):
         captions = [c for _, c in read_coco_captions(args.captions, args.num_images)]
     try:
         pipe = sample.Pipeline.from_args(args)
@@ -289,21 +276,17 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
             raise ValueError("--num-images must be >= 2 for FID (it needs a covariance)")
         need_inception = "fid" in want and feature_extractor is None
         pipe = _check_files(args, want, need_inception)
-    except (sample.MissingFiles, ValueError, OSError) as e:
+        extract, ref_key = None, None
+        if "fid" in want and feature_extractor is not None:
+            extract = feature_extractor
+        elif "fid" in want:  # a bad weights file is an error line here, not a traceback later
+            extract = inception_extractor(args.inception_weights, args.batch_size)
+            w = args.inception_weights
+            ref_key = [os.path.abspath(w), os.path.getsize(w), os.path.getmtime(w)]
+        clip = torch_bridge.clip_embedder(args.clip_model) if "clip" in want else None
+    except (sample.MissingFiles, torch_bridge.MissingExtra, ValueError, OSError) as e:
         print(f"error: cannot evaluate:\n{e}", file=sys.stderr)
         return 2
-    extract, ref_key = None, None
-    if "fid" in want and feature_extractor is not None:
-        extract = feature_extractor
-    elif "fid" in want:
-        extract = inception_extractor(args.inception_weights, args.batch_size)
-        w = args.inception_weights
-        ref_key = [os.path.abspath(w), os.path.getsize(w), os.path.getmtime(w)]
-    clip = None
-    if "clip" in want:
-        from data_prep.clip_score import ClipEmbedder  # lazy: PyTorch only here
-
-        clip = ClipEmbedder(args.clip_model)
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(args, pipe, extract, clip, ref_key)
     if ref_key is not None:

@@ -21,16 +21,13 @@ import time
 import jax
 import numpy as np
 
+from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles
 from at1_jax.decode import images
-from at1_jax.generate.pipeline import (
-    DECODERS,
-    DEFAULT_CACHE,
-    DEFAULT_TEXT_ENCODER,
-    DEFAULT_VAE,
-    MissingFiles,
-    Pipeline,
-)
+from at1_jax.decode.pixels import DECODERS
+from at1_jax.generate.pipeline import Pipeline
 from at1_jax.model.samplers import SAMPLERS, SamplerConfig
+from at1_jax.torch_bridge import MissingExtra
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -91,7 +88,7 @@ def main(argv=None) -> int:
         )
         pipe = Pipeline.from_args(args)
         pipe.require(prompts)
-    except (MissingFiles, ValueError, OSError) as e:
+    except (MissingFiles, MissingExtra, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     all_prompts = [p for p in prompts for _ in range(args.num)]

@@ -12,168 +12,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PIXEL, REFERENCE_LATENT_SCALE
-from at1_jax.decode import images
-from at1_jax.model import weights
+from at1_io.constants import DEFAULT_TEXT_ENCODER
+from at1_jax import torch_bridge
+from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles, load_model
+from at1_jax.decode.pixels import DecodeSpec, make_decoder, resolve_decode
 from at1_jax.model.denoiser import Denoiser
 from at1_jax.model.samplers import SamplerConfig, make_sampler
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "at1_jax")
-DECODERS = ("jax", "torch", "none")
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 TEXT_FILES = ("config.json", "model.safetensors", "tokenizer files")
-
-
-class MissingFiles(Exception):
-    """A model or data file the command needs is not there; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------- checkpoint
-
-
-def _fetch_s3_folder(url: str, files: Sequence[str], cache_dir: str) -> str:
-    """Copies files of an s3:// folder into the cache (once) and returns the local folder."""
-    import fsspec
-
-    local = os.path.join(cache_dir, "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
-    fs, root = fsspec.core.url_to_fs(url)
-    os.makedirs(local, exist_ok=True)
-    for name in files:
-        src, dst = f"{root.rstrip('/')}/{name}", os.path.join(local, name)
-        if os.path.isfile(dst):
-            continue
-        if not fs.exists(src):
-            raise MissingFiles(f"checkpoint {url}: {name} not found there")
-        fs.get(src, dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
-    return local
-
-
-def _manifest_info(manifest: dict[str, Any], text_dim: int) -> dict[str, Any]:
-    """Text encoder, VAE and latent layout recorded in a dataset manifest (data_prep.schema)."""
-    info: dict[str, Any] = {}
-    ae = manifest.get("autoencoder") or {}
-    if ae.get("kind") == PIXEL or ae.get("model") == PIXEL:
-        info["vae"] = PIXEL
-    elif ae.get("model"):
-        info["vae"] = ae["model"]
-    for enc in manifest.get("text_encoders") or []:
-        pooled = f"{enc.get('name', enc.get('kind'))}_pooled"
-        spec = manifest.get("arrays", {}).get(pooled)
-        if spec and list(spec.get("shape", [])) == [text_dim]:
-            info["text_encoder"] = f"{enc['kind']}={enc['model']}"
-            break
-    return info
-
-
-def _trainer_info(dataset: dict[str, Any]) -> dict[str, Any]:
-    """Text encoder, VAE and latent scale recorded by the trainer (checkpoint meta "dataset")."""
-    info: dict[str, Any] = {}
-    ae = dataset.get("autoencoder") or {}
-    if ae.get("kind") == PIXEL:
-        info["vae"] = PIXEL
-    elif ae.get("model"):
-        info["vae"] = ae["model"]
-    name = str(dataset.get("text_array", "")).removesuffix("_pooled")
-    for enc in dataset.get("text_encoders") or []:
-        if enc.get("name", enc.get("kind")) == name:
-            info["text_encoder"] = f"{enc['kind']}={enc['model']}"
-    if dataset.get("latent_scale"):  # the trainer multiplies raw latents by it
-        info["latent_scale"] = 1.0 / float(dataset["latent_scale"])
-    return info
-
-
-def _load_checkpoint(path: str) -> tuple[Denoiser, dict[str, Any]]:
-    """EMA weights of the latest complete trainer checkpoint in `path` (or `path`/checkpoints)."""
-    from flax import nnx
-
-    from at1_jax.checkpointing import checkpoints as checkpoint
-    from at1_jax.train import config
-
-    folder = path
-    if not path.startswith("s3://") and os.path.isdir(os.path.join(path, "checkpoints")):
-        folder = os.path.join(path, "checkpoints")  # a run folder
-    try:
-        ck = checkpoint.Checkpoints(folder, read_only=True, async_save=False)
-        step = ck.latest_step()
-        meta = ck.restore_meta(step) if step is not None else None
-        ck.close()
-    except checkpoint.CheckpointError:
-        step = None
-    if step is None:
-        raise MissingFiles(
-            f"checkpoint {path} not found or incomplete: it is neither an at1-jax weights "
-            f"folder ({weights.CONFIG_FILE} + {weights.PARAMS_FILE}) nor a training run / "
-            "checkpoint folder with a complete step. `python -m at1_jax.convert import "
-            "TLD.pth DIR` makes a weights folder from TLD/AT-1 weights."
-        )
-    cfg = config.from_dict(meta["config"]).model
-    graphdef, params, buffers = nnx.split(
-        nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0))), nnx.Param, ...
-    )
-    abstract = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
-    restored, _ = checkpoint.restore_params(folder, abstract)
-    model = nnx.merge(graphdef, restored["params"], restored["buffers"])
-    info = {"source": "checkpoint", "step": step, **_trainer_info(meta.get("dataset") or {})}
-    return model, info
-
-
-def load_denoiser(path: str, cache_dir: str = DEFAULT_CACHE) -> tuple[Denoiser, dict[str, Any]]:
-    """The denoiser stored at `path` and what is known about how to use it.
-
-    `path`: an at1-jax weights folder (config.json + params.safetensors, as written by
-    `python -m at1_jax.convert` or at the end of training in RUN/weights), local or s3://,
-    or a training run / checkpoint folder (the EMA weights of its latest complete step).
-    A `manifest.json` (the training set's data_prep manifest) or `dataset.json` (what the
-    trainer recorded) next to the weights tells which text encoder and VAE the model expects.
-    info keys: source, path, text_encoder, vae, latent_scale, latent_shift (None = unknown).
-    """
-    info: dict[str, Any] = {
-        "source": "weights",
-        "path": path,
-        "text_encoder": None,
-        "vae": None,
-        "latent_scale": None,
-        "latent_shift": None,
-    }
-    local = path
-    names = (weights.CONFIG_FILE, weights.PARAMS_FILE)
-    if path.startswith("s3://"):
-        try:
-            local = _fetch_s3_folder(path, names, cache_dir)
-        except MissingFiles:
-            model, found = _load_checkpoint(path)
-            return model, {**info, **found}
-        for optional in ("manifest.json", weights.DATASET_FILE):
-            try:
-                _fetch_s3_folder(path, (optional,), cache_dir)
-            except MissingFiles:
-                pass
-    if not all(os.path.isfile(os.path.join(local, n)) for n in names):
-        model, found = _load_checkpoint(path)
-        return model, {**info, **found}
-    model = weights.load(local)
-    manifest_path = os.path.join(local, "manifest.json")
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            info.update(_manifest_info(json.load(f), model.cfg.text_dim))
-    dataset_path = os.path.join(local, weights.DATASET_FILE)
-    if os.path.isfile(dataset_path):
-        with open(dataset_path) as f:
-            info.update(_trainer_info(json.load(f)))
-    return model, info
 
 
 # ----------------------------------------------------------------------------- model files
@@ -258,10 +115,7 @@ def embed_prompts(
 
 
 def _encode_to_cache(todo, kind, model, files, batch_size) -> None:
-    # Lazy: the PyTorch side is only needed for prompts never seen before.
-    from data_prep.decode_torch import prompt_encoder
-
-    enc = prompt_encoder(kind, model)
+    enc = torch_bridge.prompt_encoder(kind, model)  # PyTorch only for prompts never seen
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         pooled = enc.encode(chunk)[f"{kind}_pooled"]
@@ -324,65 +178,12 @@ class Denoising:
 # ----------------------------------------------------------------------------- decode
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    """How model latents become pixels: raw VAE latent = x0 · latent_scale + latent_shift."""
-
-    mode: str  # jax | torch | none
-    vae: str  # hub id, folder, or "pixel"
-    latent_scale: float
-    latent_shift: float
-
-
-def resolve_decode(
-    info: dict[str, Any], channels: int, decode: str, vae: str | None, scale: float | None
-) -> DecodeSpec:
-    """The checkpoint's VAE and latent scaling unless overridden on the command line."""
-    vae = vae or info.get("vae") or (PIXEL if channels == 3 else DEFAULT_VAE)
-    if vae == PIXEL:
-        if channels != 3:
-            raise ValueError(f"a pixel-space model has 3 latent channels, this one has {channels}")
-        return DecodeSpec(decode if decode == "none" else PIXEL, PIXEL, 1.0, 0.0)
-    if scale is None:
-        scale = info.get("latent_scale") or REFERENCE_LATENT_SCALE
-    return DecodeSpec(decode, vae, float(scale), float(info.get("latent_shift") or 0.0))
-
-
 def require_decoder(spec: DecodeSpec) -> None:
     """Raises MissingFiles if the VAE weights are not available offline."""
     if spec.mode in ("jax", "torch"):
         require_model("VAE", "--vae", spec.vae, VAE_FILES)
-
-
-def make_decoder(spec: DecodeSpec, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """x0 latents (N, C, h, w) → uint8 NHWC images, batched (loads the VAE once)."""
-    if spec.mode == PIXEL:
-        return lambda x0: (
-            np.round(np.clip(x0 / 2 + 0.5, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        )
-    if spec.mode == "none":
-        return lambda x0: images.to_uint8(images.latents_to_images(x0))
     if spec.mode == "torch":
-        from data_prep.decode_torch import TorchDecoder  # lazy: PyTorch only when asked for
-
-        dec = TorchDecoder(spec.vae)
-        return lambda x0: dec.decode(
-            (x0 * spec.latent_scale + spec.latent_shift).astype(np.float32), batch_size
-        )
-    from at1_jax.decode.vae import load_vae_decoder
-
-    vae, _ = load_vae_decoder(spec.vae)
-
-    def decode(x0):
-        out = []
-        for i in range(0, len(x0), batch_size):
-            z = np.zeros((batch_size, *x0.shape[1:]), np.float32)
-            n = min(batch_size, len(x0) - i)
-            z[:n] = x0[i : i + n] * spec.latent_scale + spec.latent_shift
-            out.append(np.asarray(vae.decode_to_images(jnp.asarray(z), uint8=True))[:n])
-        return np.concatenate(out)
-
-    return decode
+        torch_bridge.require("--decode torch")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -402,7 +203,7 @@ class Pipeline:
         batch_size: int = 16,
         cache_dir: str = DEFAULT_CACHE,
     ):
-        self.model, self.info = load_denoiser(checkpoint, cache_dir)
+        self.model, self.info = load_model(checkpoint, cache_dir)
         cfg = self.model.cfg
         self.text_encoder = text_encoder or self.info.get("text_encoder") or DEFAULT_TEXT_ENCODER
         text_encoder_spec(self.text_encoder)  # a bad value fails here, before any work
@@ -432,6 +233,7 @@ class Pipeline:
             os.path.isfile(_cache_file(self.cache_dir, kind, model, p)) for p in set(prompts)
         ):
             require_model("text encoder", "--text-encoder", model, TEXT_FILES)
+            torch_bridge.require("prompt encoding")
         require_decoder(self.decode_spec)
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:

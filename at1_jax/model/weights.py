@@ -68,11 +68,17 @@ def load_config(directory: str) -> DenoiserConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not an at1-jax weights folder")
     with open(path) as f:
-        raw = json.load(f)
+        return config_from_dict(json.load(f), path)
+
+
+def config_from_dict(raw: dict, source: str) -> DenoiserConfig:
+    """A `DenoiserConfig` from its JSON form (weights folder or checkpoint metadata)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: model config is not a JSON object")
     known = {f.name for f in dataclasses.fields(DenoiserConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown model config fields {unknown}")
+        raise ValueError(f"{source}: unknown model config fields {unknown}")
     return DenoiserConfig(**raw)
 
 

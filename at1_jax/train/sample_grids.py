@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -12,6 +13,7 @@ from flax import nnx
 from at1_io import schema, storage
 from at1_io.constants import PIXEL
 from at1_jax.decode import images
+from at1_jax.decode.pixels import DecodeSpec, make_decoder
 from at1_jax.model.samplers import SamplerConfig, make_sampler
 from at1_jax.train import sharding
 from at1_jax.train.data import Dataset
@@ -47,32 +49,25 @@ class SampleGrids:
         run = make_sampler(denoise, sampler, ds.latent_shape)
         # Replicated output: every process holds the whole batch, process 0 writes it.
         self._run = jax.jit(run, out_shardings=sharding.replicated(mesh))
-        self._decoder = self._load_decoder()
+        self._decode = self._decoder()
 
-    def _load_decoder(self):
+    def _decoder(self):
         ae = self.ds.manifest.autoencoder
         source = self.cfg.log.vae or ae.get("model", "")
-        if ae.get("kind") == PIXEL or source == "none" or not source:
-            return None
+        pixels = ae.get("kind") == PIXEL
+        mode = "none" if source == "none" or not source else "jax"
+        # The trainer multiplied raw latents by ds.latent_scale; decoding undoes it.
+        spec = DecodeSpec(PIXEL if pixels else mode, source, 1.0 / self.ds.latent_scale, 0.0)
         try:
-            from at1_jax.decode.vae import load_vae_decoder
-
-            return load_vae_decoder(source)[0]
-        except Exception as e:  # no weights offline: show latents instead of failing the run
+            return make_decoder(spec, self.cfg.log.num_samples)
+        except Exception as e:  # no VAE weights offline: show latents instead of failing
             log.warning("sample grids show latents: cannot load VAE %r (%s)", source, e)
-            return None
+            return make_decoder(dataclasses.replace(spec, mode="none"), 0)
 
     def grid(self, state: dict) -> np.ndarray:
         key = jax.random.key(self.cfg.seed)
         latents = np.asarray(self._run(self.text, key, state["ema"], state["buffers"]))
-        latents = latents / self.ds.latent_scale  # back to the encoder's own latents
-        if self.ds.manifest.autoencoder.get("kind") == PIXEL:
-            pictures = (latents.transpose(0, 2, 3, 1) + 1.0) / 2.0
-        elif self._decoder is not None:
-            pictures = np.asarray(self._decoder.decode_to_images(latents))
-        else:
-            pictures = images.latents_to_images(latents)
-        return images.grid(pictures)
+        return images.grid(self._decode(latents))
 
 
 def write_grid(run_dir: str, step: int, grid_HWC: np.ndarray) -> str:

@@ -15,10 +15,10 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from at1_jax.checkpointing import checkpoints as checkpoint
+from at1_jax.checkpointing.load import MissingFiles, load_model
 from at1_jax.model import weights
 from at1_jax.model.denoiser import NUMERICS
 from at1_jax.model.flops import analytic_train_flops
@@ -75,22 +75,20 @@ def check_fit(cfg: config.TrainConfig, ds: data.Dataset) -> None:
         )
 
 
-def initial_model(cfg: config.TrainConfig, spec: train_step.StateSpec):
+def initial_model(cfg: config.TrainConfig):
     """Weights to fine-tune from (`init_from`), or None to start from the seed."""
     path = cfg.checkpoint.init_from
     if not path:
         return None
-    if os.path.isfile(os.path.join(path, weights.CONFIG_FILE)):
-        stored = weights.load_config(path)
-        if stored.architecture() != cfg.model.architecture():
-            raise config.ConfigError(
-                f"init_from {path}: its model {stored} differs from config.model {cfg.model}"
-            )
-        # Stored weights, this run's numerics (compute dtype, remat, …).
-        return weights.load(path, **{k: getattr(cfg.model, k) for k in NUMERICS})
-    abstract = {"params": spec.abstract["params"], "buffers": spec.abstract["buffers"]}
-    restored, _ = checkpoint.restore_params(path, abstract)
-    return nnx.merge(spec.graphdef, restored["params"], restored["buffers"])
+    try:  # stored weights, this run's numerics (compute dtype, remat, …)
+        model, _ = load_model(path, **{k: getattr(cfg.model, k) for k in NUMERICS})
+    except (MissingFiles, ValueError, OSError) as e:
+        raise config.ConfigError(f"config.checkpoint.init_from: {e}") from e
+    if model.cfg.architecture() != cfg.model.architecture():
+        raise config.ConfigError(
+            f"init_from {path}: its model {model.cfg} differs from config.model {cfg.model}"
+        )
+    return model
 
 
 def export_ema(state: dict, cfg: config.TrainConfig, directory: str, dataset: dict) -> None:
@@ -157,7 +155,7 @@ def train(cfg: config.TrainConfig) -> int:
             positions = [[epoch, 0, 0]] * streams
         start = int(meta["step"])
     else:
-        state = train_step.init_state(cfg, tx, spec, initial_model(cfg, spec))
+        state = train_step.init_state(cfg, tx, spec, initial_model(cfg))
         start = 0
     if primary:
         os.makedirs(cfg.run_dir, exist_ok=True)
