@@ -16,7 +16,7 @@ import typing
 from typing import Any
 
 import tyro
-from tyro import _errors as tyro_errors  # the parse-failure hook; tyro pinned in constraints
+from tyro import _errors as tyro_errors  # experimental parse-failure hook: tyro pinned exactly
 
 from at1_jax.model.denoiser import DenoiserConfig
 from at1_jax.model.objective import ObjectiveConfig
@@ -228,7 +228,9 @@ def _parse_error(cfg: TrainConfig, args: list[str], event) -> None:
     reason = event.message if isinstance(event, tyro_errors.InstantiationFailure) else ""
     if isinstance(event, tyro_errors.InvalidChoice):
         reason = f"expected one of {', '.join(event.choices)}"
-    reason = " ".join(reason.split()) or type(event).__name__
+    reason = " ".join(reason.split())
+    if not reason:
+        raise ConfigError(f"{' '.join(args)}: rejected by tyro ({type(event).__name__})")
     if argument is None:  # a section's own __post_init__ check, which names the field
         raise ConfigError(reason)
     key = _flag_key(argument.display_name())
