@@ -10,7 +10,7 @@
 3. training: `python -m at1_jax.train --config at1_demo/config.py` on 4 fake CPU devices with
    a (data, fsdp) mesh, checkpoints, TensorBoard and sample grids;
 4. generation: `python -m at1_jax.sample` for the held-out prompts;
-5. evaluation: prompt adherence read off the images (at1_jax.adherence), against random
+5. evaluation: prompt adherence read off the images (at1_demo.adherence), against random
    images and the training images; printed and written to adherence.json.
 """
 

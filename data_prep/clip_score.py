@@ -2,7 +2,7 @@
 
 Preprocessing follows torchmetrics' CLIPScore: the model's own image processor (resize,
 center crop, normalise) and tokenizer (truncated to the text model's position limit).
-Embeddings are the projected, unnormalised features; at1_jax.metrics normalises them.
+Embeddings are the projected, unnormalised features; at1_jax.evaluate.metrics normalises them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PyTorch-side helpers of `python -m at1_jax.sample`: prompt encoding and VAE decoding.
 
-at1_jax never imports torch; it imports this module lazily, only when a prompt is not in the
-embedding cache or `--decode torch` is asked for (the default decoder is at1_jax.vae).
+at1_jax never imports torch; its torch_bridge imports this module lazily, only when a prompt
+is not in the embedding cache or `--decode torch` is asked for (the default decoder is JAX's).
 """
 
 from __future__ import annotations

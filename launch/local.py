@@ -5,7 +5,7 @@
         python -m at1_jax.train --config configs/cpu.py
 
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID (read by at1_jax.distributed), and its own devices: on CPU
+JAX_PROCESS_ID (read by at1_jax.train.distributed), and its own devices: on CPU
 JAX_NUM_CPU_DEVICES fake devices, on GPU a slice of CUDA_VISIBLE_DEVICES. Output lines are
 prefixed with [pN]. SIGINT/SIGTERM are forwarded to every process; if one process fails,
 the others are stopped and its exit code is returned.

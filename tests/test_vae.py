@@ -14,7 +14,8 @@ import torch
 from diffusers import AutoencoderKL
 from flax import nnx
 
-from at1_jax.decode.vae import GroupNorm, VAEConfig, VAEDecoder, load_vae_decoder
+from at1_jax.decode.vae import GroupNorm, VAEConfig, VAEDecoder
+from at1_jax.decode.vae_weights import load_vae_decoder
 
 TINY = {
     "block_out_channels": (8, 16, 16, 16),
@@ -265,5 +266,5 @@ def test_config_errors():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, at1_jax.vae; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, at1_jax.decode.vae_weights; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -59,7 +59,7 @@ def make_decoder(spec: DecodeSpec, batch_size: int) -> Callable[[np.ndarray], np
         return lambda x0: dec.decode(
             (x0 * spec.latent_scale + spec.latent_shift).astype(np.float32), batch_size
         )
-    from at1_jax.decode.vae import load_vae_decoder
+    from at1_jax.decode.vae_weights import load_vae_decoder
 
     vae, _ = load_vae_decoder(spec.vae)
 

@@ -5,7 +5,7 @@ python -m at1_jax.evaluate --checkpoint W --captions captions_val2014.json \
 
 For the first N images (sorted by COCO image id) it takes each image's first caption,
 generates one image per caption (caption i from seed `--seed + i`), and compares:
-- FID: pytorch-fid's Inception-v3 pool3 features (at1_jax.inception) of the generated
+- FID: pytorch-fid's Inception-v3 pool3 features (at1_jax.evaluate.inception) of the generated
   images against those of the reference images. References are center-cropped to a square
   and resized (PIL bicubic) to the generated size; both sets then go through the Inception
   preprocessing (bilinear resize to 299, [0, 1] → [-1, 1]). FID falls as N grows: compare
