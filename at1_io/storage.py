@@ -119,18 +119,23 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return sorted(prefix + p for p, info in found.items() if info.get("type") == "file")
 
 
-def get_file(url: str, local_path: str) -> None:
-    """Download ``url`` to ``local_path``, which appears only once complete."""
-    fs, path = get_fs(url)
-    folder = os.path.dirname(os.path.abspath(local_path))
+def _complete_or_absent(path: str, write) -> None:
+    """Runs `write(tmp)` on a hidden temp name beside `path`, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(local_path)}.{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        fs.get_file(path, tmp)
-        os.replace(tmp, local_path)
+        write(tmp)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def get_file(url: str, local_path: str) -> None:
+    """Download ``url`` to ``local_path``, which appears only once complete."""
+    fs, path = get_fs(url)
+    _complete_or_absent(local_path, lambda tmp: fs.get_file(path, tmp))
 
 
 def put_file(local_path: str, url: str) -> None:
@@ -143,14 +148,7 @@ def put_file(local_path: str, url: str) -> None:
     if is_s3(url):
         fs.put_file(local_path, path)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _complete_or_absent(path, lambda tmp: shutil.copyfile(local_path, tmp))
 
 
 def put_bytes(data: bytes, url: str, tmp_dir: str) -> None:
