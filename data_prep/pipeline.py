@@ -51,7 +51,23 @@ def preflight(s: EncodeSettings):
         s.tfds_data_dir,
     )
     val_prompts.load_prompts(s.val_prompts)
+    check_run(s, source)
     return source
+
+
+def check_run(s: EncodeSettings, source) -> None:
+    """Refuse to continue an output started with other content settings or input groups."""
+    if not check_settings(s.output, s.content_settings()):
+        return
+    before = records.read_json(storage.join(s.output, records.RUN_FILE))["num_groups"]
+    now = source.num_groups()
+    if now != before:
+        unit = "input tars" if source.kind == "tars" else f"groups of --shard-size {s.shard_size}"
+        raise SettingsMismatch(
+            f"the input of {s.output} changed since its run started: {now} {unit} now, "
+            f"{before} when it started (items added or removed). Restore the input, or encode "
+            "it into a new output folder"
+        )
 
 
 def _run_info(s: EncodeSettings, models: Models, num_groups: int) -> dict:
@@ -86,8 +102,11 @@ def _check_or_write_run(root: str, info: dict, tmp: str) -> None:
     url = storage.join(root, records.RUN_FILE)
     if check_settings(root, info["settings"]):
         old = records.read_json(url)
-        if old["arrays"] != info["arrays"] or old["num_groups"] != info["num_groups"]:
-            raise SettingsMismatch(f"{root} was started from other inputs or models")
+        if old["arrays"] != info["arrays"]:
+            raise SettingsMismatch(
+                f"{root} was started with models that write other arrays "
+                f"({old['arrays']} then, {info['arrays']} now); use a new output folder"
+            )
         return
     records.put_json(info, url, tmp)
 
@@ -117,7 +136,9 @@ def _write_val_prompts(root: str, s: EncodeSettings, models: Models, tmp: str) -
     storage.put_file(path, url)
 
 
-def _publish_shard(root: str, name: str, samples: list[dict], counts: ChunkCounts, tmp: str):
+def _publish_shard(
+    root: str, name: str, samples: list[dict], counts: ChunkCounts, fingerprint: str, tmp: str
+) -> None:
     path, sha, size = None, "", 0
     if samples:
         local = os.path.join(tmp, f"{name}.tar")
@@ -128,6 +149,8 @@ def _publish_shard(root: str, name: str, samples: list[dict], counts: ChunkCount
         sha, size, path = schema.sha256_bytes(data), len(data), records.shard_path(name)
         storage.put_file(local, storage.join(root, path))  # the tar first, then its record
         os.remove(local)
+    else:  # a changed input may have left a tar of this name that no record will name
+        records.remove(storage.join(root, records.shard_path(name)))
     rec = records.ShardRecord(
         name,
         path,
@@ -138,8 +161,23 @@ def _publish_shard(root: str, name: str, samples: list[dict], counts: ChunkCount
             k: dict(getattr(counts, k))
             for k in ("skipped", "repaired", "licenses", "license_rejected", "caption_origins")
         },
+        fingerprint=fingerprint,
     )
     records.put_json(dataclasses.asdict(rec), storage.join(root, records.record_path(name)), tmp)
+
+
+def _forget_changed_groups(root: str, groups: list[int]) -> None:
+    """Drop the completion records of groups whose input changed, so no merge uses them."""
+    if not groups:
+        return
+    if len(groups) == 1:
+        what = f"input group {groups[0]} changed since it was encoded: encoding it again"
+    else:
+        listed = ", ".join(map(str, groups))
+        what = f"input groups {listed} changed since they were encoded: encoding them again"
+    log.warning("%s (files added, removed or resized)", what)
+    for g in groups:
+        records.remove(storage.join(root, records.group_done_path(g)))
 
 
 def run(s: EncodeSettings) -> RunResult:
@@ -147,8 +185,13 @@ def run(s: EncodeSettings) -> RunResult:
     source = preflight(s)
     num_workers, worker_index = workers.resolve_worker(s.num_workers, s.worker_index)
     mine = workers.my_groups(source.num_groups(), num_workers, worker_index)
-    todo = [g for g in mine if not records.group_done(s.output, g)]
-    resumed = records.group_shards(s.output, sorted(set(mine) - set(todo)))
+    fingerprints = {g: source.fingerprint(g) for g in mine}
+    done = records.read_group_records(s.output, mine)
+    todo = [g for g in mine if g not in done or done[g]["fingerprint"] != fingerprints[g]]
+    _forget_changed_groups(s.output, [g for g in todo if g in done])
+    resumed = [
+        records.shard_name(g, c) for g in mine if g not in todo for c in range(done[g]["chunks"])
+    ]
     log.info(
         "worker %d/%d: %d groups, %d already done",
         worker_index,
@@ -171,16 +214,17 @@ def run(s: EncodeSettings) -> RunResult:
         bar = tqdm(total=total, unit="img", disable=not s.progress, smoothing=0.1)
         start = time.perf_counter()  # the shard loop only: what --benchmark compares
         for g in todo:
-            chunk, items = 0, []
+            chunk, items, fp = 0, [], fingerprints[g]
 
-            def flush(chunk: int, items: list, g: int = g) -> None:
+            def flush(chunk: int, items: list, g: int = g, fp: str = fp) -> None:
                 nonlocal n_images
                 name = records.shard_name(g, chunk)
-                if records.shard_done(s.output, name):
+                rec = records.read_record(storage.join(s.output, records.record_path(name)))
+                if rec is not None and rec.get("fingerprint") == fp:
                     resumed.append(name)
                     return
                 samples, counts = encoder.encode(items, g, chunk, name.replace("-", "_"))
-                _publish_shard(s.output, name, samples, counts, tmp)
+                _publish_shard(s.output, name, samples, counts, fp, tmp)
                 written.append(name)
                 n_images += len(items)
 
@@ -193,8 +237,10 @@ def run(s: EncodeSettings) -> RunResult:
             if items or chunk == 0:
                 flush(chunk, items)
                 chunk += 1
-            done = {"group": g, "chunks": chunk}
-            records.put_json(done, storage.join(s.output, records.group_done_path(g)), tmp)
+            for url in records.remove_stale_chunks(s.output, g, chunk):
+                log.info("removed %s: the changed input has fewer chunks in group %d", url, g)
+            done_rec = {"group": g, "chunks": chunk, "fingerprint": fp}
+            records.put_json(done_rec, storage.join(s.output, records.group_done_path(g)), tmp)
         bar.close()
         seconds = time.perf_counter() - start
         manifest = None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import posixpath
 from collections import Counter
 from typing import Any
 
 from at1_io import schema, storage
 
+log = logging.getLogger(__name__)
 RUN_FILE = "parts/run.json"
 
 
@@ -52,6 +54,7 @@ class ShardRecord:
     licenses: dict[str, int]
     license_rejected: dict[str, int]
     caption_origins: dict[str, int]
+    fingerprint: str = ""  # of the input group it was encoded from (sources.digest)
 
 
 def read_json(url: str) -> Any:
@@ -65,9 +68,16 @@ def put_json(obj: Any, url: str, tmp_dir: str) -> None:
     storage.put_bytes(data, url, tmp_dir)
 
 
-def group_done(root: str, group: int) -> bool:
-    """True if every shard of the group is finished."""
-    return storage.exists(storage.join(root, group_done_path(group)))
+def read_record(url: str) -> dict | None:
+    """A record written by this module, or None if it is absent or unreadable (redo its work)."""
+    try:
+        rec = read_json(url)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # cut or overwritten by hand: the work it records is redone
+        log.warning("ignoring unreadable record %s (%s): its work is done again", url, e)
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def shard_done(root: str, name: str) -> bool:
@@ -75,13 +85,44 @@ def shard_done(root: str, name: str) -> bool:
     return storage.exists(storage.join(root, record_path(name)))
 
 
-def group_shards(root: str, groups: list[int]) -> list[str]:
-    """Shard names of finished groups, from their completion records."""
-    urls = [storage.join(root, group_done_path(g)) for g in groups]
-    names = []
-    for g, data in zip(groups, storage.read_many(urls), strict=True):
-        names += [shard_name(g, c) for c in range(json.loads(data)["chunks"])]
-    return names
+def read_group_records(root: str, groups: list[int]) -> dict[int, dict]:
+    """Completion records ({group, chunks, fingerprint}) of the finished groups among these."""
+    listed = {posixpath.basename(u) for u in storage.list_files(storage.join(root, "parts"))}
+    found = [g for g in groups if posixpath.basename(group_done_path(g)) in listed]
+    urls = [storage.join(root, group_done_path(g)) for g in found]
+    out = {}
+    for g, url, data in zip(found, urls, storage.read_many(urls), strict=True):
+        try:
+            rec = json.loads(data)
+            out[g] = {
+                "group": g,
+                "chunks": int(rec["chunks"]),
+                "fingerprint": rec.get("fingerprint"),
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable record %s (%s): its group is done again", url, e)
+    return out
+
+
+def remove(url: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = storage.get_fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_chunks(root: str, group: int, chunks: int) -> list[str]:
+    """Delete tars and records of chunks >= ``chunks`` of a group (left by an earlier input)."""
+    stale = []
+    for folder, ext in ((schema.SHARD_DIR, ".tar"), ("parts", ".json")):
+        for url in storage.list_files(storage.join(root, folder), f"{group:05d}-*{ext}"):
+            name = posixpath.basename(url).removesuffix(ext)
+            if int(name.split("-")[1]) >= chunks:
+                remove(url)
+                stale.append(url)
+    return stale
 
 
 class IncompleteError(RuntimeError):
@@ -142,19 +183,25 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
     """
     run = read_json(storage.join(root, RUN_FILE))
     groups = range(run["num_groups"])
-    done = {posixpath.basename(u) for u in storage.list_files(storage.join(root, "parts"))}
-    missing = [g for g in groups if posixpath.basename(group_done_path(g)) not in done]
+    done = read_group_records(root, list(groups))
+    missing = [g for g in groups if g not in done]
     if missing:
         raise IncompleteError(
             f"{len(missing)} of {len(groups)} input groups not finished (first: {missing[:5]})"
         )
-    names = group_shards(root, list(groups))
+    names = [shard_name(g, c) for g in groups for c in range(done[g]["chunks"])]
     totals = {k: Counter() for k in ("skipped", "repaired", "licenses", "license_rejected")}
     totals["caption_origins"] = Counter()
     shards = []
     urls = [storage.join(root, record_path(name)) for name in names]
-    for data in storage.read_many(urls):
+    for name, data in zip(names, storage.read_many(urls), strict=True):
         rec = ShardRecord(**json.loads(data))
+        group = int(name.split("-")[0])
+        if rec.fingerprint != done[group]["fingerprint"]:
+            raise IncompleteError(
+                f"shard {name} was encoded from other input than group {group} now records "
+                "(the input changed while workers ran): rerun the encoder to redo the group"
+            )
         for k, c in totals.items():
             c.update(getattr(rec, k))
         if rec.num_samples > 0:

@@ -8,6 +8,7 @@ groups of ``shard_size`` items; tar sources use one group per input tar.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import posixpath
@@ -99,6 +100,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-able value (a group's item list): equal lists, equal digests."""
+    text = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _read_optional(fs, path: str) -> bytes | None:
     try:
         with fs.open(path, "rb") as f:
@@ -116,10 +123,12 @@ class FolderSource:
         self.fs, self.path = storage.get_fs(root)
         if not self.fs.isdir(self.path):
             raise SourceError(f"input folder not found: {root}")
-        files = sorted(p for p in self.fs.find(self.path) if p.lower().endswith(IMAGE_EXTS))
+        listing = self.fs.find(self.path, detail=True)
+        files = sorted(p for p in listing if p.lower().endswith(IMAGE_EXTS))
         if not files:
             raise SourceError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
         self.files, self.shard_size = files, shard_size
+        self.sizes = {p: info.get("size") for p, info in listing.items()}
 
     def num_groups(self) -> int:
         """Number of groups."""
@@ -128,6 +137,15 @@ class FolderSource:
     def group_size(self, g: int) -> int | None:
         """Items in group g (None if unknown before reading)."""
         return len(self.files[g * self.shard_size : (g + 1) * self.shard_size])
+
+    def fingerprint(self, g: int) -> str:
+        """Digest of group g's file names and sizes (images and their sidecars)."""
+        rows = []
+        for path in self.files[g * self.shard_size : (g + 1) * self.shard_size]:
+            stem = os.path.splitext(path)[0]
+            sizes = [self.sizes.get(p) for p in (path, stem + ".txt", stem + ".json")]
+            rows.append([posixpath.relpath(path, self.path), *sizes])
+        return digest(rows)
 
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
         """Items of group g in order."""
@@ -165,14 +183,16 @@ class TarSource:
     def __init__(self, url: str):
         fs, path = storage.get_fs(url)
         if fs.isdir(path):
-            tars = sorted(p for p in fs.find(path) if p.endswith(".tar"))
+            listing = fs.find(path, detail=True)
         elif fs.exists(path):
-            tars = [path]
+            listing = {path: fs.info(path)}
         else:
-            tars = sorted(fs.glob(path))
+            listing = fs.glob(path, detail=True)
+        tars = sorted(p for p in listing if p.endswith(".tar"))
         if not tars:
             raise SourceError(f"no .tar files at {url}")
         self.fs, self.tars = fs, tars
+        self.sizes = {p: listing[p].get("size") for p in tars}
 
     def num_groups(self) -> int:
         """One group per input tar."""
@@ -181,6 +201,10 @@ class TarSource:
     def group_size(self, g: int) -> int | None:
         """Unknown until the tar is read."""
         return None
+
+    def fingerprint(self, g: int) -> str:
+        """Digest of tar g's name and size."""
+        return digest([posixpath.basename(self.tars[g]), self.sizes[self.tars[g]]])
 
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
         """Whole samples of tar g; a damaged tar ends with a ReadFailure.
@@ -274,6 +298,10 @@ class TableSource:
         """Items in group g."""
         return len(self.rows[g * self.shard_size : (g + 1) * self.shard_size])
 
+    def fingerprint(self, g: int) -> str:
+        """Digest of group g's rows."""
+        return digest(self.rows[g * self.shard_size : (g + 1) * self.shard_size])
+
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
         """Rows of group g in order, with their image files read."""
         start = g * self.shard_size
@@ -313,7 +341,7 @@ class TfdsSource:
             self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises assorted errors for a missing dataset
             raise SourceError(f"tfds dataset {name!r} split {split!r} not readable: {e}") from e
-        self.name, self.shard_size = name, shard_size
+        self.name, self.split, self.shard_size = name, split, shard_size
         self.image_column, self.caption_column = image_column or "image", caption_column
 
     def num_groups(self) -> int:
@@ -323,6 +351,11 @@ class TfdsSource:
     def group_size(self, g: int) -> int | None:
         """Items in group g."""
         return min(self.shard_size, len(self.ds) - g * self.shard_size)
+
+    def fingerprint(self, g: int) -> str:
+        """Digest of the dataset, split, length and group g's index range."""
+        start = g * self.shard_size
+        return digest([self.name, self.split, len(self.ds), start, start + self.group_size(g)])
 
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
         """Records of group g, images as arrays."""

@@ -174,3 +174,26 @@ def test_source_errors_are_clear(tmp_path):
         sources.open_source(str(tmp_path / "t.jsonl"), "auto", 10)
     with pytest.raises(sources.SourceError, match="not readable"):
         sources.open_source("tfds:no_such_dataset_xyz", "auto", 10)
+
+
+def test_replaced_tar_is_encoded_again_without_stale_shards(tiny_models, tmp_path):
+    inp, out = tmp_path / "tars", tmp_path / "out"
+    inp.mkdir()
+    _img2dataset_tar(inp / "00000.tar", 0, 5)
+    _img2dataset_tar(inp / "00001.tar", 5, 1)
+    s = settings(tiny_models, inp, out, vae="pixel")
+    pipeline.run(s)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "00000-0000.tar", "00000-0001.tar", "00000-0002.tar", "00001-0000.tar",
+    ]  # fmt: skip
+    _img2dataset_tar(inp / "00000.tar", 10, 2)  # the same name, other samples
+    result = pipeline.run(s)
+    assert result.written == ["00000-0000"] and result.resumed == ["00001-0000"]
+    _, samples = read_dataset(out)
+    assert [smp["json"]["source"] for smp in samples] == [
+        "00000.tar/000000010", "00000.tar/000000011", "00001.tar/000000005",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "00000-0000.tar", "00001-0000.tar",
+    ]  # fmt: skip
+    assert not list((out / "parts").glob("00000-000[12].json"))

@@ -361,3 +361,49 @@ def test_run_that_drops_most_samples_says_so_at_the_end(tiny_models, tmp_path, c
     write_image_folder(tmp_path / "in2", 3)
     assert main(_cli_args(tiny_models, tmp_path / "in2", tmp_path / "out2")) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def _sources(root: Path) -> list[str]:
+    return [smp["json"]["source"] for smp in read_dataset(root)[1]]
+
+
+def test_resume_notices_changed_inputs(tiny_models, tmp_path, caplog, monkeypatch):
+    import shutil
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_image_folder(inp, 6)
+    s = settings(tiny_models, inp, out)
+    pipeline.run(s)
+    # kill -9 after group 0 (records of groups 1 and 2 never written), then an input vanishes:
+    # group 0 is now img001, img002, and the finished shard holds img000, img001.
+    (out / schema.MANIFEST_NAME).unlink()
+    for g in (1, 2):
+        (out / records.record_path(f"{g:05d}-0000")).unlink()
+        (out / records.group_done_path(g)).unlink()
+    for p in inp.glob("img000.*"):
+        p.unlink()
+    result = pipeline.run(s)
+    assert result.resumed == [] and result.written == ["00000-0000", "00001-0000", "00002-0000"]
+    assert _sources(out) == [f"img{i:03d}.png" for i in range(1, 6)]
+    assert "input group 0 changed since it was encoded" in caplog.text
+
+    # A finished run whose input gains a file and has a caption edited: groups 1, 2 change.
+    shutil.copy(inp / "img003.png", inp / "img0021.png")
+    (inp / "img0021.txt").write_text("a new tree")
+    (inp / "img0021.json").write_text(json.dumps({"license": "cc0"}))
+    (inp / "img005.txt").write_text("an edited caption")
+    caplog.clear()
+    result = pipeline.run(s)
+    assert result.resumed == ["00000-0000"] and result.written == ["00001-0000", "00002-0000"]
+    _, samples = read_dataset(out)
+    names = ["img001", "img002", "img0021", "img003", "img004", "img005"]
+    assert [smp["json"]["source"] for smp in samples] == [n + ".png" for n in names]
+    assert samples[-1]["caption"] == "an edited caption"
+    assert "input groups 1, 2 changed since they were encoded" in caplog.text
+
+    # Fewer groups than the run started with: refused before any model loads.
+    for p in [*inp.glob("img001.*"), *inp.glob("img002.*")]:
+        p.unlink()
+    monkeypatch.setattr(pipeline, "Models", None)  # calling it would be a TypeError
+    with pytest.raises(pipeline.SettingsMismatch, match=r"2 groups of --shard-size 2 now, 3 when"):
+        pipeline.run(s)

@@ -44,6 +44,14 @@ def test_s3_in_and_out_round_trip(tiny_models, tmp_path, s3_env):
     client.delete_object(Bucket=s3_env.bucket, Key="e2e/out/" + records.group_done_path(1))
     again = pipeline.run(settings(tiny_models, s3_env.url("e2e/in"), out))
     assert again.written == ["00001-0000"] and again.resumed == ["00000-0000"]
+    # A caption edited on S3 changes its group's listing (sizes): that group is encoded again.
+    client.put_object(Bucket=s3_env.bucket, Key="e2e/in/img000.txt", Body=b"an edited caption")
+    edited = pipeline.run(settings(tiny_models, s3_env.url("e2e/in"), out))
+    assert edited.written == ["00000-0000"] and edited.resumed == ["00001-0000"]
+    m = schema.load_manifest(storage.read_bytes(out + "/manifest.json"))
+    body = client.get_object(Bucket=s3_env.bucket, Key=f"e2e/out/{m.shards[0].path}")["Body"]
+    first = next(schema.iter_shard_samples(io.BytesIO(body.read()), m.shards[0].name, m))
+    assert first["caption"] == "an edited caption" and m.num_samples == 3
 
 
 def test_unreachable_endpoint_fails_before_work(tiny_models, tmp_path, s3_env, monkeypatch):
