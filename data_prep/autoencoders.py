@@ -9,6 +9,7 @@ import torch
 
 from at1_io.constants import PIXEL
 from at1_io.schema import LATENT_MEAN, LATENT_SAMPLE, LATENT_STD, ArraySpec
+from data_prep import model_refs
 
 
 class PixelAutoencoder:
@@ -46,8 +47,37 @@ class DiffusersVAE:
 
         self.model_id = model
         self.device, self.dtype = device, dtype
-        self.vae = AutoencoderKL.from_pretrained(model, subfolder=subfolder, torch_dtype=dtype)
-        self.vae.to(device).eval()
+        flag = f"--vae {model}" + (f" --vae-subfolder {subfolder}" if subfolder else "")
+        try:
+            config = AutoencoderKL.load_config(model, subfolder=subfolder)
+        except Exception as e:  # hub and file errors of many types: the reference is unusable
+            raise model_refs.load_error(flag, "AutoencoderKL", model, e, model_refs.VAE_HELP) from e
+        kind = config.get("_class_name")
+        if not kind:
+            raise model_refs.ModelError(
+                f"{flag}: not a diffusers model folder (its config.json has no _class_name, "
+                f"model_type {config.get('model_type')!r}); {model_refs.VAE_HELP}"
+            )
+        if kind != "AutoencoderKL":
+            raise model_refs.ModelError(
+                f"{flag}: its config.json describes a {kind}, not an AutoencoderKL; "
+                + model_refs.VAE_HELP
+            )
+        try:
+            vae, loading = AutoencoderKL.from_pretrained(
+                model, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True
+            )
+        except Exception as e:
+            raise model_refs.load_error(flag, "AutoencoderKL", model, e, model_refs.VAE_HELP) from e
+        model_refs.check_weights(
+            flag,
+            "AutoencoderKL",
+            kind,
+            loading["missing_keys"],
+            len(vae.state_dict()),
+            model_refs.VAE_HELP,
+        )
+        self.vae = vae.to(device).eval()
         cfg = self.vae.config
         self.channels = cfg.latent_channels
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)

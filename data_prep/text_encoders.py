@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from at1_io.schema import ArraySpec
+from data_prep import model_refs
 from data_prep.settings import TextEncoderSpec
 
 
@@ -43,8 +44,28 @@ class TextEncoder:
         self.spec, self.device, self.dtype = spec, device, dtype
         self.clip_tokens = clip_tokens and spec.kind == "clip"
         cls = {"clip": CLIPTextModelWithProjection, "t5": T5EncoderModel, "sentence": AutoModel}
-        self.model = cls[spec.kind].from_pretrained(spec.model, dtype=dtype).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        cls = cls[spec.kind]
+        named = "" if spec.name == spec.kind else f"{spec.name}:"
+        flag = f"--text-encoder {named}{spec.kind}={spec.model}"
+        try:
+            model, loading = cls.from_pretrained(spec.model, dtype=dtype, output_loading_info=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        except Exception as e:  # loaders raise many types; each means this model is unusable
+            raise model_refs.load_error(
+                flag, cls.__name__, spec.model, e, model_refs.KIND_HELP
+            ) from e
+        # Mean pooling never uses BERT's pooler: checkpoints saved without it are whole.
+        unused = "pooler." if spec.kind == "sentence" else None
+        missing = [k for k in loading["missing_keys"] if not (unused and k.startswith(unused))]
+        model_refs.check_weights(
+            flag,
+            type(model).__name__,
+            model.config.model_type,
+            missing,
+            len(model.state_dict()),
+            model_refs.KIND_HELP,
+        )
+        self.model = model.to(device).eval()
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 512
         if spec.kind == "t5":
