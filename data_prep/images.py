@@ -29,16 +29,44 @@ class DecodedImage:
     repair: str | None
 
 
+# The white level of integer data is the smallest of these bit-depth maxima that holds the
+# image's maximum (10- and 12-bit sensor data is stored in 16- and 32-bit containers).
+BIT_DEPTH_MAXIMA = (255, 1023, 4095, 16383, 65535)
+
+
+def to_8bit(a: np.ndarray, white: float | None = None) -> np.ndarray:
+    """Scale non-negative pixel values to uint8, 0 → 0 and ``white`` → 255.
+
+    ``white`` None reads it from the values: 1.0 for floats within [0, 1], else the smallest
+    bit-depth maximum that holds the largest value. Non-finite or negative values, or values
+    above 16 bits, have no such reading: ImageSkip.
+    """
+    floats = np.asarray(a).dtype.kind == "f"
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise ImageSkip("nonfinite_image", f"{a.size - int(finite.sum())} NaN/inf pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if white is None:
+        white = (
+            1.0 if floats and hi <= 1.0 else next((m for m in BIT_DEPTH_MAXIMA if hi <= m), None)
+        )
+    if lo < 0 or white is None:
+        raise ImageSkip("unsupported_pixel_values", f"values {lo:g}..{hi:g}: not 0..1 or 0..65535")
+    return np.clip(np.round(a / white * 255.0), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert any Pillow mode to 8-bit RGB; transparent pixels go onto white."""
     mode = img.mode
     if mode == "RGB":
         return img, None
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
-        a8 = np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a8, "L").convert("RGB"), "mode_16bit"
+        a = np.asarray(img)
+        sixteen = mode.startswith("I;16")  # the file says 16 bits: white is 65535
+        a8 = to_8bit(a, 65535.0 if sixteen else None)
+        repair = "mode_16bit" if sixteen else {"I": "mode_int32", "F": "mode_float"}[mode]
+        return Image.fromarray(a8, "L").convert("RGB"), repair
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if mode == "CMYK":
@@ -88,14 +116,28 @@ def from_pil(img: Image.Image, min_size: int = 0) -> DecodedImage:
 
 
 def from_array(a: np.ndarray, min_size: int = 0) -> DecodedImage:
-    """Wrap an HxW or HxWxC uint8/uint16 array (tfds images) as a decoded image."""
+    """Wrap an HxW or HxWxC array (tfds images) as a decoded image.
+
+    uint8 is used as is; uint16 has white 65535; other integers and floats are read as
+    ``to_8bit`` reads them (floats in [0, 1] have white 1.0).
+    """
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    if a.dtype == np.uint16 and a.ndim == 3:
-        a = (a >> 8).astype(np.uint8)  # Pillow has no 16-bit RGB mode
-    img = Image.fromarray(a if a.dtype == np.uint16 else a.astype(np.uint8))
-    return from_pil(img, min_size)
+    if a.dtype == np.uint8:
+        return from_pil(Image.fromarray(a), min_size)
+    if a.dtype == np.bool_:
+        return from_pil(Image.fromarray(a.astype(np.uint8) * 255), min_size)
+    # Pillow has no 16-bit or float RGB mode: scale here and record what was done.
+    white = 65535.0 if a.dtype == np.uint16 else None
+    repair = (
+        "mode_16bit"
+        if a.dtype == np.uint16
+        else ("mode_float" if a.dtype.kind == "f" else "mode_int32")
+    )
+    dec = from_pil(Image.fromarray(to_8bit(a, white)), min_size)
+    dec.original_mode, dec.repair = str(a.dtype), repair
+    return dec
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:

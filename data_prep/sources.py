@@ -159,7 +159,9 @@ class FolderSource:
             if caption is None:
                 caption = _caption_from_meta(meta, repairs)
             data = _read_optional(self.fs, path)
-            yield RawSample(rel, data, None, caption, meta, repairs)
+            # Listed but gone when read (deleted since, or a dangling symlink): not an empty file.
+            skip = None if data is not None else "missing_image_file"
+            yield RawSample(rel, data, None, caption, meta, repairs, skip)
 
 
 class NoEndBlock(tarfile.ReadError):

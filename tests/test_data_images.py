@@ -114,3 +114,48 @@ def test_exif_rotation_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     d = images.decode_image(_encode(img, "PNG", exif=exif.tobytes()))
     assert d.image.size == (20, 40)
+
+
+def _tiff(a, mode):
+    return _encode(Image.fromarray(a, mode), "TIFF")
+
+
+def test_float_and_int32_images_scaled_by_their_range():
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    d = images.decode_image(_tiff(ramp, "F"))  # 0..1 floats: 1.0 is white
+    assert d.repair == "mode_float" and d.original_mode == "F"
+    np.testing.assert_array_equal(np.asarray(d.image)[..., 1], np.round(ramp * 255))
+    # 0..1000 (10-bit data): scaled by 1023, the smallest bit depth that holds the maximum.
+    tenbit = np.round(ramp * 1000)
+    cases = ((tenbit, "F", "mode_float"), (tenbit.astype(np.int32), "I", "mode_int32"))
+    for a, mode, repair in cases:
+        d = images.decode_image(_tiff(a, mode))
+        assert d.repair == repair
+        np.testing.assert_array_equal(np.asarray(d.image)[..., 0], np.round(tenbit / 1023 * 255))
+    assert np.asarray(d.image).max() == 249  # 1000 / 1023, not the 4 of a 16-bit reading
+    d = images.decode_image(_tiff(np.full((32, 32), 200, np.int32), "I"))  # 8-bit data in I
+    np.testing.assert_array_equal(np.asarray(d.image)[0, 0], [200, 200, 200])
+
+
+def test_nonfinite_and_negative_pixels_are_skipped():
+    nan = np.full((32, 32), np.nan, np.float32)
+    assert _skip_reason(_tiff(nan, "F")) == "nonfinite_image"
+    some = np.ones((32, 32), np.float32)
+    some[3, 4] = np.inf
+    assert _skip_reason(_tiff(some, "F")) == "nonfinite_image"
+    assert _skip_reason(_tiff(some - 2, "F")) == "nonfinite_image"
+    signed = np.linspace(-1, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    assert _skip_reason(_tiff(signed, "F")) == "unsupported_pixel_values"
+    with pytest.raises(images.ImageSkip, match="nonfinite_image"):
+        images.from_array(np.full((32, 32, 3), np.nan, np.float32))
+
+
+def test_float_arrays_from_tfds():
+    a = np.zeros((32, 32, 3), np.float32)
+    a[..., 0], a[..., 2] = 1.0, 0.5
+    d = images.from_array(a)
+    assert d.repair == "mode_float" and d.original_mode == "float32"
+    np.testing.assert_array_equal(np.asarray(d.image)[0, 0], [255, 0, 128])
+    d = images.from_array((a * 65535).astype(np.uint16))  # 16-bit RGB, no Pillow mode for it
+    assert d.repair == "mode_16bit"
+    np.testing.assert_array_equal(np.asarray(d.image)[0, 0], [255, 0, 127])  # 32767/65535

@@ -197,3 +197,24 @@ def test_replaced_tar_is_encoded_again_without_stale_shards(tiny_models, tmp_pat
         "00000-0000.tar", "00001-0000.tar",
     ]  # fmt: skip
     assert not list((out / "parts").glob("00000-000[12].json"))
+
+
+def test_folder_files_gone_after_listing_are_missing_not_empty(tmp_path):
+    import os
+
+    from fixtures_images import write_image_folder
+
+    inp = tmp_path / "in"
+    write_image_folder(inp, 3)
+    os.symlink(tmp_path / "nowhere.png", inp / "link.png")  # a dangling symlink
+    (inp / "empty.png").write_bytes(b"")
+    src = sources.open_source(str(inp), "auto", 10)
+    (inp / "img001.png").unlink()  # gone between listing and reading
+    got = {item.source_id: item.skip_reason for item in src.iter_group(0)}
+    assert got == {
+        "empty.png": None,  # a real zero-byte file: decoding counts it as empty_image
+        "img000.png": None,
+        "img001.png": "missing_image_file",
+        "img002.png": None,
+        "link.png": "missing_image_file",
+    }
