@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 from data_prep import images, pipeline, sources
 from data_prep.models import Models
 from data_prep.settings import EncodeSettings
+from data_prep.workdir import work_dir
 
 SYNTHETIC = "synthetic"
 
@@ -49,7 +49,7 @@ def _timed(fn, batches: list, repeat_to: int) -> float:
 
 def run(s: EncodeSettings, n_images: int) -> dict:
     """Time the full pipeline on n_images inputs, then the bare forwards on the same images."""
-    with tempfile.TemporaryDirectory(prefix="data_prep-bench-") as tmp:
+    with work_dir() as tmp:
         if s.input == SYNTHETIC:
             synthetic_folder(os.path.join(tmp, "in"), n_images)
             s = dataclasses.replace(s, input=os.path.join(tmp, "in"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 
+from at1_io import storage
 from data_prep import records
 from data_prep.settings import EncodeSettings
+from data_prep.workdir import work_dir
 
 EPILOG = """examples:
   python -m data_prep.encode ./images ./dataset --vae pixel \
@@ -113,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         mp = argparse.ArgumentParser(prog="python -m data_prep.encode merge")
         mp.add_argument("output")
         out = mp.parse_args(argv[1:]).output
-        with tempfile.TemporaryDirectory() as tmp:
+        with work_dir() as tmp:
             try:
+                if storage.is_s3(out):
+                    storage.check_s3_reachable(out)
                 m = records.merge(out, tmp)
             except records.IncompleteError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
-            except records.EmptyDatasetError as err:
+            except (records.RecordError, records.EmptyDatasetError, storage.StorageError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
         print(f"manifest: {len(m.shards)} shards, {m.num_samples} samples")

@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
 from at1_io import schema, storage
-from data_prep import records, sources, val_prompts, workers
+from at1_io.constants import PIXEL
+from data_prep import model_refs, records, sources, val_prompts, workers
 from data_prep.models import Models
-from data_prep.settings import EncodeSettings
+from data_prep.settings import EncodeSettings, parse_spec
 from data_prep.shard_job import ChunkCounts, ChunkEncoder
+from data_prep.workdir import remove_output_temps, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,54 @@ def preflight(s: EncodeSettings):
         s.tfds_data_dir,
     )
     val_prompts.load_prompts(s.val_prompts)
+    check_output(s.output, s.input)
     check_run(s, source)
+    check_model_refs(s)
     return source
+
+
+class OutputError(ValueError):
+    """An output location that cannot hold a data set; raised before any work starts."""
+
+
+def check_output(output: str, input_url: str) -> None:
+    """A local output must be creatable and writable, and apart from a folder input."""
+    if storage.is_s3(output):
+        return  # reachability and the bucket were checked already
+    out = os.path.realpath(output)
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise OutputError(f"output {output}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output {output}: {probe} is not writable")
+    inp = os.path.realpath(input_url)
+    if not storage.is_s3(input_url) and os.path.isdir(inp):
+        if out == inp:
+            raise OutputError(f"output {output} is the input folder: choose another folder")
+        if out.startswith(inp + os.sep):
+            raise OutputError(
+                f"output {output} is inside the input folder {input_url}: a rerun would read "
+                "its shards as input; choose a folder outside it"
+            )
+
+
+def check_model_refs(s: EncodeSettings) -> None:
+    """Every model flag names an existing local model folder or a usable hub id."""
+    if s.vae != PIXEL:
+        model_refs.check_ref(f"--vae {s.vae}", s.vae, s.vae_subfolder, known=(PIXEL,))
+    for value in s.text_encoders:
+        model_refs.check_ref(f"--text-encoder {value}", parse_spec(value).model)
+    if s.caption != "off":
+        model_refs.check_ref(f"--captioner {s.captioner}", s.captioner)
 
 
 def check_run(s: EncodeSettings, source) -> None:
     """Refuse to continue an output started with other content settings or input groups."""
     if not check_settings(s.output, s.content_settings()):
         return
-    before = records.read_json(storage.join(s.output, records.RUN_FILE))["num_groups"]
+    before = records.read_run(s.output)["num_groups"]
     now = source.num_groups()
     if now != before:
         unit = "input tars" if source.kind == "tars" else f"groups of --shard-size {s.shard_size}"
@@ -85,10 +125,9 @@ def _run_info(s: EncodeSettings, models: Models, num_groups: int) -> dict:
 
 def check_settings(root: str, settings: dict) -> bool:
     """False for a fresh output; SettingsMismatch if it was started with other settings."""
-    url = storage.join(root, records.RUN_FILE)
-    if not storage.exists(url):
+    if not storage.exists(storage.join(root, records.RUN_FILE)):
         return False
-    old = records.read_json(url)["settings"]
+    old = records.read_run(root)["settings"]
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise SettingsMismatch(
@@ -101,7 +140,7 @@ def check_settings(root: str, settings: dict) -> bool:
 def _check_or_write_run(root: str, info: dict, tmp: str) -> None:
     url = storage.join(root, records.RUN_FILE)
     if check_settings(root, info["settings"]):
-        old = records.read_json(url)
+        old = records.read_run(root)
         if old["arrays"] != info["arrays"]:
             raise SettingsMismatch(
                 f"{root} was started with models that write other arrays "
@@ -199,12 +238,12 @@ def run(s: EncodeSettings) -> RunResult:
         len(mine),
         len(mine) - len(todo),
     )
+    if not storage.is_s3(s.output):
+        for path in remove_output_temps(s.output, mine):
+            log.info("removed %s, left by a run that was killed", path)
     models = Models(s)
     written, n_images = [], 0
-    with (
-        tempfile.TemporaryDirectory(prefix="data_prep-") as tmp,
-        ThreadPoolExecutor(s.decode_threads) as pool,
-    ):
+    with work_dir() as tmp, ThreadPoolExecutor(s.decode_threads) as pool:
         _check_or_write_run(s.output, _run_info(s, models, source.num_groups()), tmp)
         if worker_index == 0:
             _write_val_prompts(s.output, s, models, tmp)

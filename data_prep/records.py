@@ -57,9 +57,33 @@ class ShardRecord:
     fingerprint: str = ""  # of the input group it was encoded from (sources.digest)
 
 
+class RecordError(RuntimeError):
+    """An output folder without run.json, or with a record that cannot be parsed."""
+
+
 def read_json(url: str) -> Any:
     """Parse a JSON file."""
     return json.loads(storage.read_bytes(url))
+
+
+def read_run(root: str) -> dict[str, Any]:
+    """The run's settings record; RecordError naming the file if it is missing or unreadable."""
+    url = storage.join(root, RUN_FILE)
+    try:
+        run = read_json(url)
+    except FileNotFoundError as e:
+        raise RecordError(
+            f"{root} is not an encode output (no {RUN_FILE}): run "
+            f"`python -m data_prep.encode INPUT {root}` first"
+        ) from e
+    except ValueError as e:
+        raise RecordError(
+            f"{url} is unreadable ({e}); it records the run's settings: restore it, or encode "
+            "into a new output folder"
+        ) from e
+    if not isinstance(run, dict) or not {"settings", "num_groups", "arrays"} <= set(run):
+        raise RecordError(f"{url} is not a run record (settings, num_groups, arrays missing)")
+    return run
 
 
 def put_json(obj: Any, url: str, tmp_dir: str) -> None:
@@ -101,6 +125,15 @@ def read_group_records(root: str, groups: list[int]) -> dict[int, dict]:
             }
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable record %s (%s): its group is done again", url, e)
+            continue
+        gone = [
+            shard_name(g, c)
+            for c in range(out[g]["chunks"])
+            if posixpath.basename(record_path(shard_name(g, c))) not in listed
+        ]
+        if gone:
+            log.warning("group %d lacks the records of shards %s: it is done again", g, gone)
+            del out[g]
     return out
 
 
@@ -181,7 +214,7 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
 
     IncompleteError if a group is unfinished, EmptyDatasetError if no sample was kept.
     """
-    run = read_json(storage.join(root, RUN_FILE))
+    run = read_run(root)
     groups = range(run["num_groups"])
     done = read_group_records(root, list(groups))
     missing = [g for g in groups if g not in done]
@@ -194,8 +227,14 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
     totals["caption_origins"] = Counter()
     shards = []
     urls = [storage.join(root, record_path(name)) for name in names]
-    for name, data in zip(names, storage.read_many(urls), strict=True):
-        rec = ShardRecord(**json.loads(data))
+    for name, url, data in zip(names, urls, storage.read_many(urls), strict=True):
+        try:
+            rec = ShardRecord(**json.loads(data))
+        except (ValueError, TypeError) as e:
+            raise RecordError(
+                f"{url} is unreadable ({e}): delete it and rerun the encoder, which encodes "
+                f"shard {name} again"
+            ) from e
         group = int(name.split("-")[0])
         if rec.fingerprint != done[group]["fingerprint"]:
             raise IncompleteError(

@@ -122,6 +122,8 @@ class FolderSource:
     def __init__(self, root: str, shard_size: int):
         self.fs, self.path = storage.get_fs(root)
         if not self.fs.isdir(self.path):
+            if self.fs.exists(self.path):
+                raise SourceError(_file_given(root))
             raise SourceError(f"input folder not found: {root}")
         listing = self.fs.find(self.path, detail=True)
         files = sorted(p for p in listing if p.lower().endswith(IMAGE_EXTS))
@@ -260,6 +262,37 @@ class TarSource:
         return RawSample(f"{tar_name}/{key}", image, None, caption, meta, repairs, skip)
 
 
+def _read_parquet(f, url: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(f).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{url}: not a readable parquet table ({e})") from e
+
+
+def _read_jsonl(f, url: str) -> list[dict]:
+    try:
+        text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{url}: not UTF-8 text ({e}); save the table as UTF-8") from e
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{url} line {n}: not valid JSON ({e.msg}, column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise SourceError(
+                f"{url} line {n}: a row must be a JSON object, got {type(row).__name__}"
+            )
+        rows.append(row)
+    return rows
+
+
 class TableSource:
     """A parquet or JSONL table with a column of image paths (relative to the table)."""
 
@@ -270,12 +303,7 @@ class TableSource:
         if not fs.exists(path):
             raise SourceError(f"input table not found: {url}")
         with fs.open(path, "rb") as f:
-            if path.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                rows = pq.read_table(f).to_pylist()
-            else:
-                rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
+            rows = _read_parquet(f, url) if path.endswith(".parquet") else _read_jsonl(f, url)
         if not rows:
             raise SourceError(f"input table is empty: {url}")
         cols = rows[0].keys()
@@ -376,6 +404,13 @@ class TfdsSource:
             yield RawSample(f"{self.name}[{i}]", None, image, caption, meta, repairs, skip)
 
 
+def _file_given(url: str) -> str:
+    return (
+        f"input {url} is a file, not an image folder, .tar or table (.parquet/.jsonl): "
+        "give the folder that holds the images"
+    )
+
+
 def open_source(
     url: str,
     fmt: str,
@@ -397,6 +432,8 @@ def open_source(
             fs, path = storage.get_fs(url)
             if not fs.exists(path):
                 raise SourceError(f"input path not found: {url}")
+            if not fs.isdir(path):
+                raise SourceError(_file_given(url))
             has_tars = fs.isdir(path) and any(p.endswith(".tar") for p in fs.find(path))
             fmt = "tars" if has_tars else "folder"
     if fmt == "tfds":

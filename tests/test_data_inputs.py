@@ -218,3 +218,23 @@ def test_folder_files_gone_after_listing_are_missing_not_empty(tmp_path):
         "img002.png": None,
         "link.png": "missing_image_file",
     }
+
+
+def test_table_and_path_errors_name_the_file_and_line(tmp_path):
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"image": "a.png"}\n\n[1, 2]\n')
+    with pytest.raises(sources.SourceError, match=r"t\.jsonl line 3: a row must be a JSON object"):
+        sources.open_source(str(table), "auto", 10)
+    table.write_text('{"image": "a.png"}\n{"image": "b.png",\n')
+    with pytest.raises(sources.SourceError, match=r"t\.jsonl line 2: not valid JSON"):
+        sources.open_source(str(table), "auto", 10)
+    table.write_bytes(b'{"image": "caf\xe9.png"}\n')
+    with pytest.raises(sources.SourceError, match=r"t\.jsonl: not UTF-8"):
+        sources.open_source(str(table), "auto", 10)
+    (tmp_path / "t.parquet").write_bytes(b"not parquet")
+    with pytest.raises(sources.SourceError, match=r"t\.parquet: not a readable parquet table"):
+        sources.open_source(str(tmp_path / "t.parquet"), "auto", 10)
+    (tmp_path / "cat.png").write_bytes(png_bytes(Image.fromarray(random_rgb(32, 32, 0))))
+    for fmt in ("auto", "folder"):
+        with pytest.raises(sources.SourceError, match=r"cat\.png is a file, not an image folder"):
+            sources.open_source(str(tmp_path / "cat.png"), fmt, 10)

@@ -407,3 +407,119 @@ def test_resume_notices_changed_inputs(tiny_models, tmp_path, caplog, monkeypatc
     monkeypatch.setattr(pipeline, "Models", None)  # calling it would be a TypeError
     with pytest.raises(pipeline.SettingsMismatch, match=r"2 groups of --shard-size 2 now, 3 when"):
         pipeline.run(s)
+
+
+KILLED_RUN = """
+import shutil, sys, time
+from at1_io import storage
+real_copy = shutil.copyfile
+def hang(src, dst):  # the second shard's tar is half copied when kill -9 comes
+    if "00001-0000.tar" in dst:
+        with open(dst, "wb") as f:
+            f.write(b"half a tar")
+        open({marker!r}, "w").close()
+        time.sleep(600)
+    return real_copy(src, dst)
+storage.shutil.copyfile = hang
+from data_prep.encode import main
+sys.exit(main({args!r}))
+"""
+
+
+def test_kill_9_leaves_no_temp_files_and_resumes_exactly(tiny_models, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    write_image_folder(tmp_path / "in", 5)
+    args = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "out"), "--shard-size", "2"]
+    clean = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "clean"), "--shard-size", "2"]
+    scratch, marker = tmp_path / "tmp", tmp_path / "copying"
+    scratch.mkdir()
+    # A live run's work folder must survive the cleanup: this one is held by a sleeping process.
+    live = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data_prep.workdir import work_dir\n"
+         "with work_dir() as d:\n    print(d, flush=True); time.sleep(600)"],
+        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    live_dir = live.stdout.readline().strip()
+    code = KILLED_RUN.format(marker=str(marker), args=args)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before the copy"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out = tmp_path / "out"
+        assert [p.name for p in (out / "shards").glob(".*.tmp")], "no temp file left by the kill"
+        killed = sorted(p.name for p in scratch.iterdir())
+        assert len(killed) == 2  # the killed run's work folder and the live one
+        old = out / "parts" / f".manifest.json.{'0a' * 16}.tmp"  # a shared file's, an hour old
+        old.write_text("{")
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
+        recent = out / "parts" / f".run.json.{'1b' * 16}.tmp"  # maybe another worker's, in flight
+        recent.write_text("{")
+
+        from data_prep.encode import main
+
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        assert main(args) == 0
+        assert main(clean) == 0
+        assert sorted(p.name for p in out.rglob(".*.tmp")) == [recent.name]
+        assert [str(p) for p in scratch.iterdir()] == [live_dir]
+    finally:
+        for p in (proc, live):
+            p.kill()
+            p.wait()
+    shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    assert shards == {p.name: p.read_bytes() for p in (tmp_path / "clean" / "shards").iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    want = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert manifest["shards"] == want["shards"] and manifest["num_samples"] == 5
+
+
+def test_output_location_errors_come_before_the_models(tiny_models, tmp_path, capsys, monkeypatch):
+    from data_prep.encode import main
+
+    write_image_folder(tmp_path / "in", 1)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(pipeline, "Models", None)  # calling it would be a TypeError
+    for out, want in (
+        (tmp_path / "file", "is a file, not a folder"),
+        (tmp_path / "file" / "ds", "is a file, not a folder"),
+        (tmp_path / "in", "is the input folder"),
+        (tmp_path / "in" / "ds", "inside the input folder"),
+    ):
+        assert main(_cli_args(tiny_models, tmp_path / "in", out)) == 2
+        assert want in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [
+        "img000.json", "img000.png", "img000.txt",
+    ]  # fmt: skip
+
+
+def test_model_references_checked_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
+    from data_prep.encode import main
+
+    write_image_folder(tmp_path / "in", 1)
+    monkeypatch.setattr(pipeline, "Models", None)
+    base = [str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]
+    cases = [
+        (["--vae", "pixel", "--text-encoder", "sentence=/nonexistent"],
+         "--text-encoder sentence=/nonexistent: no such folder"),
+        (["--vae", "pixels"], "--vae pixels: not a local folder; did you mean --vae pixel?"),
+        (["--vae", str(tmp_path / "in")], "has no config.json: not a saved model folder"),
+        (["--vae", "pixel", "--text-encoder", "clip=openai/clip-vit-large-patch14"],
+         "not in the local hub cache and HF_HUB_OFFLINE is set"),
+        (["--vae", "pixel", "--text-encoder", f"clip={tiny_models.clip}", "--caption", "all",
+          "--captioner", "./no/such/llava"], "--captioner ./no/such/llava: no such folder"),
+    ]  # fmt: skip
+    for extra, want in cases:
+        assert main(base + extra) == 2
+        assert want in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -97,3 +97,26 @@ def test_cli_on_s3_never_prints_the_secret(tiny_models, tmp_path, s3_server):
     assert "img/s" in r.stderr  # the progress bar shows the rate
     assert s3_server.secret_key not in r.stdout + r.stderr
     assert s3_server.access_key not in r.stdout + r.stderr
+
+
+def test_merge_errors_are_one_line(tiny_models, tmp_path, s3_env, monkeypatch, capsys):
+    from data_prep.encode import main
+
+    assert main(["merge", str(tmp_path / "none")]) == 2
+    assert "is not an encode output (no parts/run.json)" in capsys.readouterr().err
+    write_image_folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    pipeline.run(settings(tiny_models, tmp_path / "in", out))
+    (out / records.record_path("00001-0000")).write_text('{"name": ')
+    assert main(["merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "parts/00001-0000.json is unreadable" in err and "delete it and rerun" in err
+    (out / records.RUN_FILE).write_text("{")
+    assert main(["merge", str(out)]) == 2
+    assert "parts/run.json is unreadable" in capsys.readouterr().err
+    with pytest.raises(records.RecordError, match=r"parts/run\.json is unreadable"):
+        pipeline.run(settings(tiny_models, tmp_path / "in", out))
+    (port,) = free_ports(1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    assert main(["merge", "s3://at1-test/ds"]) == 2
+    assert f"127.0.0.1:{port} unreachable" in capsys.readouterr().err
