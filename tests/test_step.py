@@ -124,6 +124,34 @@ def test_non_finite_step_leaves_the_state_untouched():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the point of the test
+def test_update_that_overflows_the_weights_is_not_applied():
+    # lr=1e39 is a finite Python float but inf in float32: loss and gradient are finite,
+    # the weights the update would produce are not (±inf, and 0·inf = nan where g = 0).
+    cfg = _cfg(lr=1e39)
+    tx, spec, state = _setup(cfg)
+    before = _host(state)
+    state, m = train_step.make_train_step(cfg, tx, spec, 1.0)(state, _batch(spec))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_host(state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not bool(m["update_finite"])  # what tells the host the update was the problem
+    # The same step at a sane rate is applied and reported finite.
+    cfg = _cfg()
+    tx, spec, state = _setup(cfg)
+    state, m = train_step.make_train_step(cfg, tx, spec, 1.0)(state, _batch(spec))
+    assert bool(m["update_finite"]) and bool(m["finite"]) and int(state["step"]) == 1
+
+
+def test_all_finite_looks_at_every_float_leaf():
+    tree = {"a": jnp.ones((3,)), "opt": (jnp.zeros((2, 2)), jnp.int32(7))}
+    assert bool(train_step.all_finite(tree))
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        broken = {**tree, "opt": (jnp.zeros((2, 2)).at[1, 0].set(bad), jnp.int32(7))}
+        assert not bool(train_step.all_finite(broken))
+
+
 def test_ema_follows_params_with_its_decay():
     cfg = _cfg(ema_decay=0.9)
     tx, spec, state = _setup(cfg)

@@ -125,6 +125,12 @@ def init_state(cfg: TrainConfig, tx, spec: StateSpec, model: Denoiser | None = N
     return jax.jit(build, in_shardings=in_sh, out_shardings=spec.shardings)(*args)
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value in `tree` is finite (one reduction per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def _micro_batches(x, n: int, mesh: Mesh, batch_spec):
     """(B, …) → (n, B/n, …) so that every micro-batch is spread over all data devices."""
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
@@ -178,7 +184,6 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), jnp.arange(accum))
             loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         new = {
@@ -188,6 +193,10 @@ def make_train_step(
             "opt": opt,
             "step": state["step"] + 1,
         }
+        # Finite loss and gradient can still give non-finite weights (an update that
+        # overflows, g² overflowing Adam's second moment): check what would be saved.
+        update_finite = all_finite(new)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
         # A non-finite step changes nothing: the host stops on the last good state.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {
@@ -195,6 +204,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
             "finite": finite,
+            "update_finite": update_finite,
         }
         return new, metrics
 
