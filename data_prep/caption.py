@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data_prep import model_refs
 from data_prep.settings import DEFAULT_CAPTIONER, DEFAULT_PROMPT
+
+HELP = (
+    "--captioner takes an image-text-to-text model whose processor has a chat template "
+    "that places one image and the prompt (llava-hf/llava-1.5-7b-hf's does)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +33,10 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
+class CaptionerError(ValueError):
+    """A captioner whose processor cannot build its prompt; raised before any work starts."""
+
+
 class Captioner:
     """Batched captioning: left padding, only the generated tokens are decoded."""
 
@@ -34,22 +44,54 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.settings, self.device = settings, device
-        self.processor = AutoProcessor.from_pretrained(settings.model)
+        self.flag = f"--captioner {settings.model}"
+        cls = AutoModelForImageTextToText
+        try:
+            self.processor = AutoProcessor.from_pretrained(settings.model)
+            self.text = self._prompt_text()  # before the weights load: a bad template fails fast
+            model, loading = cls.from_pretrained(
+                settings.model, dtype=dtype, output_loading_info=True
+            )
+        except CaptionerError:
+            raise
+        except Exception as e:  # loaders raise many types; each means this model is unusable
+            raise model_refs.load_error(self.flag, cls.__name__, settings.model, e, HELP) from e
+        model_refs.check_weights(
+            self.flag,
+            type(model).__name__,
+            model.config.model_type,
+            loading["missing_keys"],
+            len(model.state_dict()),
+            HELP,
+        )
         # Batched generation appends after the prompt: prompts must be aligned on the right.
         self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(settings.model, dtype=dtype)
-        self.model.to(device).eval()
+        self.model = model.to(device).eval()
         self.dtype = dtype
-        self.text = self._prompt_text()
 
     def _prompt_text(self) -> str:
+        """The prompt through the processor's chat template, checked to hold image and text."""
+        if not getattr(self.processor, "chat_template", None):
+            raise CaptionerError(
+                f"{self.flag}: its processor has no chat template, so the prompt format the "
+                f"model was trained on is unknown; {HELP}"
+            )
         prompt = self.settings.prompt
-        if getattr(self.processor, "chat_template", None):
-            conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-            ]
-            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return f"USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's own format
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        image_token = getattr(self.processor, "image_token", None)
+        if image_token and text.count(image_token) != 1:
+            raise CaptionerError(
+                f"{self.flag}: the chat template renders {text.count(image_token)} "
+                f"{image_token} tokens for 1 image ({text!r}); {HELP}"
+            )
+        if prompt not in text:
+            raise CaptionerError(
+                f"{self.flag}: the chat template drops the prompt {prompt!r} ({text!r}); {HELP}"
+            )
+        return text
 
     def info(self) -> dict[str, Any]:
         """Manifest description."""
