@@ -2,6 +2,7 @@
 
 python -m at1_jax.convert import tld_101m.pth out/tld-101m --variant legacy
 python -m at1_jax.convert export out/tld-101m tld_101m.safetensors
+python -m at1_jax.convert import tld_101m.safetensors out/again   # config recorded by export
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def main(argv=None) -> int:
     imp.add_argument(
         "--variant",
         choices=BLOCKS,
-        default="legacy",
-        help="block layout (released TLD-101M and AT-1: legacy)",
+        help="block layout, required unless the file records it (files from `export` do): "
+        "legacy = released TLD-101M and AT-1 (x = norm1(attn(x) + x)), "
+        "prenorm = TLD's main branch (x = attn(norm1(x)) + x)",
     )
     imp.add_argument(
         "--key", help="top-level key holding the state_dict (default: auto, e.g. model_ema)"
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
     imp.add_argument(
         "--cross-heads",
         type=int,
-        help="cross-attention heads (default: 4 legacy, width/64 prenorm)",
+        help="cross-attention heads (default: recorded in the file, else 4 legacy, "
+        "width // 64 prenorm)",
     )
     exp = sub.add_parser("export", help="at1-jax weights folder → PyTorch-named .safetensors")
     exp.add_argument("weights", help="at1-jax weights folder")
@@ -48,8 +51,8 @@ def main(argv=None) -> int:
             preset = preset_name(cfg) or "custom"
             print(f"imported {args.checkpoint} → {args.out} (preset: {preset}, {cfg})")
         else:
-            export_checkpoint(args.weights, args.out, args.dtype)
-            print(f"exported {args.weights} → {args.out}")
+            cfg = export_checkpoint(args.weights, args.out, args.dtype)
+            print(f"exported {args.weights} → {args.out} (config recorded in its metadata: {cfg})")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,15 @@
 """PyTorch TLD/AT-1 checkpoints ↔ this project's weights: parity, round trips, errors."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch_reference as ref
+from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
@@ -14,6 +17,7 @@ from safetensors.torch import save_file as torch_save_file
 from at1_jax import convert as convert_cli
 from at1_jax.model import torch_names as convert
 from at1_jax.model import weights
+from at1_jax.model.denoiser import Denoiser
 from at1_jax.model.presets import PRESETS
 
 SMALL = dict(c=4, size=8, p=2, e=128, depth=2, noise_dims=64, text_dim=32)
@@ -43,12 +47,15 @@ def _jax_out(model, x, s, t):
     return np.asarray(model(*(jnp.asarray(a.numpy()) for a in (x, s, t))))
 
 
+# Width 96 is one head of 96 and 160 two heads of 80 in TLD (heads = width // 64).
+@pytest.mark.parametrize("width", [128, 96, 160])
 @pytest.mark.parametrize("block", ["prenorm", "legacy"])
-def test_converted_weights_reproduce_the_pytorch_reference(block, tmp_path):
-    model = _reference(block)
+def test_converted_weights_reproduce_the_pytorch_reference(block, width, tmp_path):
+    model = _reference(block, e=width)
     torch.save(model.state_dict(), tmp_path / "ck.pth")
     cfg = convert.import_checkpoint(str(tmp_path / "ck.pth"), str(tmp_path / "w"), block)
-    assert (cfg.block, cfg.width, cfg.depth, cfg.noise_embed_dims) == (block, 128, 2, 64)
+    assert (cfg.block, cfg.width, cfg.depth, cfg.noise_embed_dims) == (block, width, 2, 64)
+    assert (cfg.self_heads, cfg.head_size) == {128: (2, 64), 96: (1, 96), 160: (2, 80)}[width]
     x, s, t = _inputs()
     with torch.no_grad():
         expected = model(x, s, t).numpy()
@@ -57,6 +64,94 @@ def test_converted_weights_reproduce_the_pytorch_reference(block, tmp_path):
     # relative, compounded through 2 blocks and 5 norms: ≲1e-5 of the output scale.
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_file_that_does_not_record_its_variant_needs_one(tmp_path, capsys):
+    torch.save(_reference("prenorm").state_dict(), tmp_path / "ck.pth")
+    with pytest.raises(ValueError, match="block variant is not recorded") as err:
+        convert.import_checkpoint(str(tmp_path / "ck.pth"), str(tmp_path / "w"))
+    # The message says how to tell: the reference code's two forms of DecoderBlock.forward.
+    for text in (
+        "--variant legacy",
+        "x = self.norm1(self.self_attention(x) + x)",
+        "--variant prenorm",
+        "x = self.self_attention(self.norm1(x)) + x",
+        "at1_jax.convert export",
+    ):
+        assert text in str(err.value)
+    assert convert_cli.main(["import", str(tmp_path / "ck.pth"), str(tmp_path / "w")]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"error: {tmp_path / 'ck.pth'}: the block variant") and not out.out
+    assert not (tmp_path / "w").exists()
+
+
+def _random_weights_folder(cfg, directory, seed=0) -> None:
+    """A weights folder with distinct random values in every array (a swap cannot pass)."""
+    model = nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    arrays = {
+        weights.path_key(path): rng.random(var.shape, dtype=np.float32)
+        for path, var in nnx.to_flat_state(nnx.state(model))
+    }
+    weights.save(str(directory), cfg, arrays)
+
+
+ROUND_TRIPS = {
+    **PRESETS,
+    "at1, 8 cross heads": dataclasses.replace(PRESETS["at1"], cross_heads=8),
+    "tld-tiny, 2 cross heads": dataclasses.replace(PRESETS["tld-tiny"], cross_heads=2),
+    "width 96, head_dim 32, bf16": dataclasses.replace(
+        PRESETS["tld-tiny"], width=96, head_dim=32, dtype="bfloat16"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n == "xl-600m" else []) for n in ROUND_TRIPS],
+)
+def test_export_then_import_gives_the_same_model(name, tmp_path, capsys):
+    cfg = ROUND_TRIPS[name]
+    _random_weights_folder(cfg, tmp_path / "a")
+    exported = str(tmp_path / "a.safetensors")
+    assert convert_cli.main(["export", str(tmp_path / "a"), exported]) == 0
+    with safe_open(exported, framework="np") as f:
+        assert json.loads(f.metadata()[convert.CONFIG_METADATA]) == dataclasses.asdict(cfg)
+    # No --variant, no --cross-heads: the file says what it is.
+    assert convert_cli.main(["import", exported, str(tmp_path / "b")]) == 0
+    assert f"preset: {name if name in PRESETS else 'custom'}" in capsys.readouterr().out
+    assert weights.load_config(str(tmp_path / "b")) == cfg
+    a_file, b_file = (str(tmp_path / d / weights.PARAMS_FILE) for d in "ab")
+    with safe_open(a_file, framework="np") as a, safe_open(b_file, framework="np") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():  # one array at a time: xl-600m is 2.4 GB in float32.
+            np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k), err_msg=k)
+
+
+def test_flags_and_shapes_that_contradict_the_recorded_config_are_refused(tmp_path):
+    cfg = dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, text_dim=32, cross_heads=8)
+    _random_weights_folder(cfg, tmp_path / "a")
+    exported = str(tmp_path / "a.safetensors")
+    convert.export_checkpoint(str(tmp_path / "a"), exported)
+    out = str(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"--variant legacy contradicts .* block='prenorm'"):
+        convert.import_checkpoint(exported, out, "legacy")
+    with pytest.raises(ValueError, match=r"--cross-heads 4 contradicts .* cross_heads=8"):
+        convert.import_checkpoint(exported, out, cross_heads=4)
+    assert convert.import_checkpoint(exported, out, "prenorm", cross_heads=8) == cfg  # agreeing
+
+    sd = load_file(exported)
+    for raw, message in [
+        (json.dumps({**dataclasses.asdict(cfg), "width": 256}), "width: recorded 256, weights 128"),
+        ("{not json", "not JSON"),
+        (json.dumps({**dataclasses.asdict(cfg), "width": "wide"}), "invalid model config"),
+        (json.dumps({**dataclasses.asdict(cfg), "colour": 1}), r"unknown .* \['colour'\]"),
+    ]:
+        save_file(sd, str(tmp_path / "t.safetensors"), {convert.CONFIG_METADATA: raw})
+        with pytest.raises(ValueError, match=message) as err:
+            convert.import_checkpoint(str(tmp_path / "t.safetensors"), str(tmp_path / "c"))
+        assert str(tmp_path / "t.safetensors") in str(err.value)
+    assert not (tmp_path / "c").exists()
 
 
 def test_wrong_variant_gives_different_outputs(tmp_path):
@@ -125,7 +220,7 @@ def test_missing_and_mis_shaped_keys_are_named(tmp_path):
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(
         ValueError, match=r"missing: \['denoiser_trans_block.decoder_blocks.1.norm2.bias'\]"
-    ):
+    ):  # named before the variant is asked for.
         convert.import_checkpoint(str(tmp_path / "missing.safetensors"), str(tmp_path / "w"))
     bad = dict(sd)
     bad["denoiser_trans_block.decoder_blocks.0.mlp.mlp.3.bias"] = np.zeros(7, np.float32)
@@ -133,7 +228,7 @@ def test_missing_and_mis_shaped_keys_are_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"shape of blocks/0/mlp/fc2/bias: file has \(7,\), model needs \(128,\)"
     ):
-        convert.import_checkpoint(str(tmp_path / "bad.safetensors"), str(tmp_path / "w"))
+        convert.import_checkpoint(str(tmp_path / "bad.safetensors"), str(tmp_path / "w"), "legacy")
     assert not (tmp_path / "w").exists()
 
 

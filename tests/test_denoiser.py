@@ -46,7 +46,8 @@ def test_xl_preset_is_about_600m_and_follows_the_size_formula():
     "field,value,message",
     [
         ("latent_size", 15, "not a multiple of model.patch_size"),
-        ("width", 100, "not a multiple of model.head_dim"),
+        ("width", 32, "smaller than model.head_dim=64"),
+        ("width", 200, "does not split into 3 equal heads"),
         ("cross_heads", 3, "must divide model.width"),
         ("block", "postnorm", "model.block must be one of"),
         ("dropout", 1.0, "model.dropout must be in [0, 1)"),
@@ -58,6 +59,17 @@ def test_bad_config_names_the_field_and_value(field, value, message):
     with pytest.raises(ValueError, match=r"model\." + field) as err:
         dataclasses.replace(TINY, **{field: value})
     assert message in str(err.value) and str(value) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "width,heads,size", [(96, 1, 96), (100, 1, 100), (160, 2, 80), (192, 3, 64), (512, 8, 64)]
+)
+def test_widths_follow_tlds_head_rule(width, heads, size):
+    """TLD has width // 64 heads of width / heads channels: width 96 is one head of 96."""
+    cfg = dataclasses.replace(TINY, width=width)
+    assert (cfg.self_heads, cfg.head_size, cfg.n_cross_heads) == (heads, size, heads)
+    model = Denoiser(cfg, nnx.Rngs(0))
+    assert model(*_inputs(cfg)).shape == (4, 4, 8, 8)
 
 
 def test_unknown_preset_lists_known_ones():
@@ -128,6 +140,25 @@ def test_bf16_compute_keeps_fp32_params_and_output_close():
     # within a few percent of the output scale, far below the O(1) gap of unrelated outputs.
     rel = float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32))
     assert rel < 0.05
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,size,want",
+    [
+        ("gpu", jnp.bfloat16, 64, "cudnn"),
+        ("gpu", jnp.float16, 96, "cudnn"),  # width 96: one head of 96
+        ("gpu", jnp.bfloat16, 100, "xla"),  # not a multiple of 8: cuDNN would refuse it
+        ("gpu", jnp.bfloat16, 192, "xla"),  # above 128
+        ("gpu", jnp.float32, 64, "xla"),
+        ("cpu", jnp.bfloat16, 64, "xla"),
+    ],
+)
+def test_auto_attention_picks_cudnn_only_where_it_applies(backend, dtype, size, want, monkeypatch):
+    from at1_jax.model.denoiser import attention_impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert attention_impl("auto", jnp.zeros((1, 4, 2, size), dtype)) == want
+    assert attention_impl("xla", jnp.zeros((1, 4, 2, size), dtype)) == "xla"
 
 
 def test_xla_attention_matches_a_plain_softmax_reference():

@@ -33,7 +33,8 @@ class DenoiserConfig:
     noise_embed_dims: int = 128
     text_dim: int = 768
     mlp_mult: int = 4
-    cross_heads: int | None = 4  # None: width // head_dim, as in TLD's prenorm code.
+    cross_heads: int | None = 4  # None: as many as self-attention, as in TLD's prenorm code.
+    # TLD's rule: width // head_dim heads of width / heads channels (width 96: one head of 96).
     head_dim: int = 64
     block: str = "legacy"
     dropout: float = 0.0
@@ -54,9 +55,16 @@ class DenoiserConfig:
                 f"model.latent_size={self.latent_size} is not a multiple of "
                 f"model.patch_size={self.patch_size}"
             )
-        if self.width % self.head_dim:
+        if self.width < self.head_dim:
             raise ValueError(
-                f"model.width={self.width} is not a multiple of model.head_dim={self.head_dim}"
+                f"model.width={self.width} is smaller than model.head_dim={self.head_dim}: "
+                "TLD's rule (heads = width // head_dim) would give no attention head"
+            )
+        if self.width % self.self_heads:
+            raise ValueError(
+                f"model.width={self.width} does not split into {self.self_heads} equal heads "
+                f"(TLD's rule: heads = model.width // model.head_dim={self.head_dim}); use a "
+                f"width that {self.self_heads} divides, e.g. {self.self_heads * self.head_dim}"
             )
         if self.noise_embed_dims % 2:
             raise ValueError(f"model.noise_embed_dims must be even, got {self.noise_embed_dims}")
@@ -96,6 +104,11 @@ class DenoiserConfig:
     @property
     def self_heads(self) -> int:
         return self.width // self.head_dim
+
+    @property
+    def head_size(self) -> int:
+        """Channels per self-attention head: head_dim when it divides the width (TLD's rule)."""
+        return self.width // self.self_heads
 
     @property
     def n_cross_heads(self) -> int:
@@ -171,11 +184,20 @@ def _merge_heads(x_BTNH, strided: bool):
     return x_BTNH.reshape(B, T, N * H)
 
 
+def attention_impl(impl: str, q_BTNH) -> str:
+    """The kernel `impl` means for these queries: "auto" picks cuDNN where it applies."""
+    if impl != "auto":
+        return impl
+    half = q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    # cuDNN's fused kernel takes head sizes that are multiples of 8 up to 128 (256 on Hopper).
+    size_ok = q_BTNH.shape[-1] % 8 == 0 and q_BTNH.shape[-1] <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and half and size_ok else "xla"
+
+
 def _attend(q_BTNH, k_BSNH, v_BSNH, impl: str):
-    if impl == "auto":
-        use_cudnn = jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
-        impl = "cudnn" if use_cudnn else "xla"
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation=impl)
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH, v_BSNH, implementation=attention_impl(impl, q_BTNH)
+    )
 
 
 class SelfAttention(nnx.Module):

@@ -1,8 +1,11 @@
-"""TLD / AT-1 PyTorch state_dicts ↔ this project's weights: names, layouts, inferred config."""
+"""TLD / AT-1 PyTorch state_dicts ↔ this project's weights: names, layouts, model config."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import re
 
 import numpy as np
@@ -14,6 +17,16 @@ from at1_jax.model.presets import PRESETS
 WRAPPER_KEYS = ("model_ema", "ema", "ema_model", "state_dict", "model", "module")
 STRIP_PREFIXES = ("_orig_mod.", "module.")
 DT = "denoiser_trans_block."
+# Header metadata key of an exported .safetensors: the DenoiserConfig as JSON.
+CONFIG_METADATA = "at1_jax.config"
+VARIANT_UNKNOWN = (
+    "the block variant is not recorded in this file and the weights cannot tell (prenorm and "
+    "legacy blocks have identical shapes; the wrong one gives wrong images, no error). Look at "
+    "the DecoderBlock.forward of the code that trained it: `x = self.norm1(self.self_attention(x)"
+    " + x)` is --variant legacy (the released TLD-101M and AT-1 weights, TLD before its prenorm "
+    "change); `x = self.self_attention(self.norm1(x)) + x` is --variant prenorm (TLD's main "
+    "branch). Files written by `python -m at1_jax.convert export` record it"
+)
 
 
 # (to_jax, to_torch) pairs; `to_torch` gets the config for shapes that a flat kernel lost.
@@ -55,7 +68,7 @@ def _norm(torch_name, jax_name):
     ]
 
 
-def name_map(cfg: DenoiserConfig) -> list[tuple[str, str, tuple]]:
+def name_map(depth: int) -> list[tuple[str, str, tuple]]:
     """(PyTorch name, this project's name, (to_jax, to_torch)) for every array."""
     pe = DT + "patchify_and_embed."
     rows = [("fourier_feats.0.angular_speeds", "angular_speeds", _plain())]
@@ -67,7 +80,7 @@ def name_map(cfg: DenoiserConfig) -> list[tuple[str, str, tuple]]:
     rows += _norm(pe + "2", "patch_norm1") + _dense(pe + "3", "patch_proj")
     rows += _norm(pe + "4", "patch_norm2")
     rows += [(DT + "pos_embed.weight", "pos_embed", _plain())]
-    for i in range(cfg.depth):
+    for i in range(depth):
         t, j = f"{DT}decoder_blocks.{i}.", f"blocks/{i}/"
         rows += [
             (
@@ -141,18 +154,34 @@ def read_checkpoint(path: str, key: str | None = None) -> dict[str, np.ndarray]:
     return unwrap_state_dict(torch_pickle.load(path), path, key)
 
 
+def read_recorded_config(path: str) -> DenoiserConfig | None:
+    """The config that `export_checkpoint` recorded in a .safetensors header, if any."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            raw = (f.metadata() or {}).get(CONFIG_METADATA)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+    if raw is None:
+        return None
+    source = f"{path} (metadata {CONFIG_METADATA!r})"
+    try:
+        return weights.config_from_dict(json.loads(raw), source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not JSON ({e}); re-export the file") from None
+
+
 def _shape(sd, name, source):
     if name not in sd:
         raise ValueError(f"{source}: missing {name}; is this a TLD / AT-1 denoiser checkpoint?")
     return sd[name].shape
 
 
-def infer_config(
-    sd: dict[str, np.ndarray], variant: str, source: str, cross_heads: int | None = None
-) -> DenoiserConfig:
-    """The model config that the checkpoint's shapes imply; the block variant is given."""
-    if variant not in BLOCKS:
-        raise ValueError(f"--variant must be one of {BLOCKS}, got {variant!r}")
+def shape_fields(sd: dict[str, np.ndarray], source: str) -> dict[str, int]:
+    """The config fields that the checkpoint's shapes determine (not block, heads, head_dim)."""
     width, text_dim = _shape(sd, "label_proj.weight", source)
     noise_dims = _shape(sd, "fourier_feats.1.weight", source)[1]
     _, channels, patch, _ = _shape(sd, DT + "patchify_and_embed.0.weight", source)
@@ -171,9 +200,7 @@ def infer_config(
     if depth == 0:
         raise ValueError(f"{source}: no {DT}decoder_blocks.* weights found")
     hidden = _shape(sd, DT + "decoder_blocks.0.mlp.mlp.0.weight", source)[0]
-    if cross_heads is None:
-        cross_heads = 4 if variant == "legacy" else None
-    return DenoiserConfig(
+    return dict(
         latent_size=grid * patch,
         latent_channels=channels,
         patch_size=patch,
@@ -182,9 +209,49 @@ def infer_config(
         noise_embed_dims=noise_dims,
         text_dim=text_dim,
         mlp_mult=hidden // width,
-        cross_heads=cross_heads,
-        block=variant,
     )
+
+
+def resolve_config(
+    shapes: dict[str, int],
+    source: str,
+    variant: str | None = None,
+    cross_heads: int | None = None,
+    recorded: DenoiserConfig | None = None,
+) -> DenoiserConfig:
+    """The model config: `shape_fields`, and the rest as recorded in the file or given."""
+    if recorded is not None:
+        for flag, field, value in (
+            ("--variant", "block", variant),
+            ("--cross-heads", "cross_heads", cross_heads),
+        ):
+            if value is not None and value != getattr(recorded, field):
+                raise ValueError(
+                    f"{source}: {flag} {value} contradicts the file's recorded {field}="
+                    f"{getattr(recorded, field)!r} (written by at1_jax.convert export); "
+                    f"drop {flag}"
+                )
+        differ = [
+            f"{k}: recorded {getattr(recorded, k)}, weights {v}"
+            for k, v in shapes.items()
+            if getattr(recorded, k) != v
+        ]
+        if differ:
+            raise ValueError(
+                f"{source}: the weights' shapes contradict the config recorded in the file "
+                f"({'; '.join(differ)}): it was changed after export; export it again"
+            )
+        return recorded
+    if variant is None:
+        raise ValueError(f"{source}: {VARIANT_UNKNOWN}")
+    if variant not in BLOCKS:
+        raise ValueError(f"--variant must be one of {BLOCKS}, got {variant!r}")
+    if cross_heads is None:
+        cross_heads = 4 if variant == "legacy" else None
+    try:
+        return DenoiserConfig(**shapes, cross_heads=cross_heads, block=variant)
+    except ValueError as e:
+        raise ValueError(f"{source}: no model of this shape: {e}") from None
 
 
 def preset_name(cfg: DenoiserConfig) -> str | None:
@@ -192,45 +259,52 @@ def preset_name(cfg: DenoiserConfig) -> str | None:
     return next((n for n, p in PRESETS.items() if p.architecture() == cfg.architecture()), None)
 
 
-def torch_to_arrays(sd: dict[str, np.ndarray], cfg: DenoiserConfig, source: str):
-    """This project's arrays (float32) from a PyTorch state_dict; names what does not fit."""
-    rows = name_map(cfg)
+def check_names(sd: dict[str, np.ndarray], depth: int, source: str) -> None:
+    """Raises a ValueError listing the missing and unexpected names of a `depth`-block model."""
+    rows = name_map(depth)
     known = {t for t, _, _ in rows} | {DT + "precomputed_pos_enc"}
     missing = [t for t, _, _ in rows if t not in sd]
     unexpected = sorted(n for n in sd if n not in known)
     if missing or unexpected:
         raise ValueError(
-            f"{source}: state_dict does not match a {cfg.block} TLD/AT-1 denoiser of depth "
-            f"{cfg.depth}:\n  missing: {missing}\n  unexpected: {unexpected}"
+            f"{source}: state_dict does not match a TLD/AT-1 denoiser of depth "
+            f"{depth}:\n  missing: {missing}\n  unexpected: {unexpected}"
         )
-    return {j: np.asarray(to_jax(sd[t]), dtype=np.float32) for t, j, (to_jax, _) in rows}
+
+
+def torch_to_arrays(sd: dict[str, np.ndarray], cfg: DenoiserConfig) -> dict[str, np.ndarray]:
+    """This project's arrays (float32) from a state_dict whose names passed `check_names`."""
+    return {
+        j: np.asarray(to_jax(sd[t]), dtype=np.float32) for t, j, (to_jax, _) in name_map(cfg.depth)
+    }
 
 
 def arrays_to_torch(arrays: dict[str, np.ndarray], cfg: DenoiserConfig, dtype=np.float32):
     """A state_dict (NumPy) with the reference implementation's names and layouts."""
     sd = {
         t: np.ascontiguousarray(to_torch(arrays[j], cfg), dtype)
-        for t, j, (_, to_torch) in name_map(cfg)
+        for t, j, (_, to_torch) in name_map(cfg.depth)
     }
     sd["fourier_feats.0.angular_speeds"] = arrays["angular_speeds"].astype(np.float32)
     sd[DT + "precomputed_pos_enc"] = np.arange(cfg.num_tokens, dtype=np.int64)
     return sd
 
 
-def import_checkpoint(
-    path, out_dir, variant="legacy", key=None, cross_heads=None
-) -> DenoiserConfig:
-    """Convert a PyTorch checkpoint into a weights folder; returns the inferred config."""
+def import_checkpoint(path, out_dir, variant=None, key=None, cross_heads=None) -> DenoiserConfig:
+    """Convert a PyTorch checkpoint into a weights folder; returns the model config."""
+    path = str(path)
     sd = read_checkpoint(path, key)
-    cfg = infer_config(sd, variant, path, cross_heads)
-    arrays = torch_to_arrays(sd, cfg, path)
-    weights.model_from_arrays(cfg, arrays, path)  # checks every shape against the model.
-    weights.save(out_dir, cfg, arrays, meta={"source": str(path), "variant": variant})
+    shapes = shape_fields(sd, path)
+    check_names(sd, shapes["depth"], path)  # a foreign file is named so before the variant.
+    cfg = resolve_config(shapes, path, variant, cross_heads, read_recorded_config(path))
+    arrays = torch_to_arrays(sd, cfg)
+    weights.check_arrays(cfg, arrays, path)
+    weights.save(out_dir, cfg, arrays, meta={"source": path, "variant": cfg.block})
     return cfg
 
 
-def export_checkpoint(weights_dir: str, out_path: str, dtype: str = "float32") -> None:
-    """Write a weights folder as a PyTorch-named state_dict in .safetensors."""
+def export_checkpoint(weights_dir: str, out_path: str, dtype: str = "float32") -> DenoiserConfig:
+    """Write a weights folder as a PyTorch-named .safetensors that records the model config."""
     from safetensors.numpy import load_file, save_file
 
     if not out_path.endswith(".safetensors"):
@@ -238,6 +312,17 @@ def export_checkpoint(weights_dir: str, out_path: str, dtype: str = "float32") -
             f"{out_path}: export writes .safetensors (load with safetensors.torch.load_file)"
         )
     cfg = weights.load_config(weights_dir)
-    arrays = load_file(f"{weights_dir}/{weights.PARAMS_FILE}")
-    weights.model_from_arrays(cfg, arrays, weights_dir)
-    save_file(arrays_to_torch(arrays, cfg, np.dtype(dtype)), out_path)
+    params = os.path.join(weights_dir, weights.PARAMS_FILE)
+    if not os.path.isfile(params):
+        raise FileNotFoundError(f"{params} not found (an interrupted save leaves only .tmp)")
+    arrays = load_file(params)
+    weights.check_arrays(cfg, arrays, params)
+    meta = {"format": "pt", CONFIG_METADATA: json.dumps(dataclasses.asdict(cfg))}
+    tmp = out_path + ".tmp"  # a failed write never leaves a partial file under the real name.
+    try:
+        save_file(arrays_to_torch(arrays, cfg, np.dtype(dtype)), tmp, metadata=meta)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return cfg

@@ -31,22 +31,35 @@ def model_arrays(model: Denoiser) -> dict[str, np.ndarray]:
     }
 
 
-def model_from_arrays(cfg: DenoiserConfig, arrays: dict[str, np.ndarray], source: str) -> Denoiser:
-    """A `Denoiser` holding `arrays`; names every missing, unexpected or mis-shaped entry."""
+def _abstract(cfg: DenoiserConfig):
     model = nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(model))
-    expected = {path_key(path): var for path, var in flat}
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in arrays]
+    return model, nnx.to_flat_state(nnx.state(model))
+
+
+def _check(flat, arrays: dict[str, np.ndarray], source: str) -> None:
+    expected = {path_key(p): tuple(v.shape) for p, v in flat}
+    problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in arrays]
     problems += [f"unexpected {k} {arrays[k].shape}" for k in arrays if k not in expected]
     problems += [
-        f"shape of {k}: file has {arrays[k].shape}, model needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in arrays and arrays[k].shape != tuple(v.shape)
+        f"shape of {k}: file has {arrays[k].shape}, model needs {shape}"
+        for k, shape in expected.items()
+        if k in arrays and arrays[k].shape != shape
     ]
     if problems:
         raise ValueError(
             f"{source}: weights do not fit the model config:\n  " + "\n  ".join(problems)
         )
+
+
+def check_arrays(cfg: DenoiserConfig, arrays: dict[str, np.ndarray], source: str) -> None:
+    """Raises a ValueError naming every missing, unexpected or mis-shaped entry of `arrays`."""
+    _check(_abstract(cfg)[1], arrays, source)
+
+
+def model_from_arrays(cfg: DenoiserConfig, arrays: dict[str, np.ndarray], source: str) -> Denoiser:
+    """A `Denoiser` holding `arrays`; names every missing, unexpected or mis-shaped entry."""
+    model, flat = _abstract(cfg)
+    _check(flat, arrays, source)
     new = {path: var.replace(jnp.asarray(arrays[path_key(path)], var.dtype)) for path, var in flat}
     nnx.update(model, nnx.from_flat_state(new))
     return model
@@ -79,7 +92,10 @@ def config_from_dict(raw: dict, source: str) -> DenoiserConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown model config fields {unknown}")
-    return DenoiserConfig(**raw)
+    try:
+        return DenoiserConfig(**raw)
+    except (TypeError, ValueError) as e:  # a string where a number belongs raises TypeError.
+        raise ValueError(f"{source}: invalid model config: {e}") from None
 
 
 def load(directory: str, **overrides) -> Denoiser:
