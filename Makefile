@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # and otherwise pays page faults for them (+30-40% on CPU, see docs/performance.md).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456:glibc.malloc.arena_max=1
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: gpu-wheels bench-gpu setup demo test lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -35,6 +35,17 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The GPU suite (docs/performance.md): `make gpu-wheels` here, then on the GPU machine, from the
+# checkout with .gpu_wheels carried along, `make bench-gpu OUT=dir` (no venv, no network there).
+GPU_WHEELS := tyro==1.0.17 typeguard==4.6.1 docstring-parser==0.18.0 typing-extensions==4.16.0
+
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 -d .gpu_wheels $(GPU_WHEELS)
+
+bench-gpu:
+	bash scripts/bench_gpu.sh $(or $(OUT),outputs/bench-gpu)
 
 bench: $(STAMP)
 	$(BIN)/python -m at1_jax.bench model --presets at1 --batch 32
