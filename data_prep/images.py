@@ -35,12 +35,10 @@ BIT_DEPTH_MAXIMA = (255, 1023, 4095, 16383, 65535)
 
 
 def to_8bit(a: np.ndarray, white: float | None = None) -> np.ndarray:
-    """Scale non-negative pixel values to uint8, 0 → 0 and ``white`` → 255.
-
-    ``white`` None reads it from the values: 1.0 for floats within [0, 1], else the smallest
-    bit-depth maximum that holds the largest value. Non-finite or negative values, or values
-    above 16 bits, have no such reading: ImageSkip.
-    """
+    """Scale pixel values to uint8 (``white`` → 255, None: read from the values) or ImageSkip."""
+    # White read from the values: 1.0 for floats within [0, 1], else the smallest bit-depth
+    # maximum that holds the largest value. Non-finite or negative values, or values above
+    # 16 bits, have no such reading.
     floats = np.asarray(a).dtype.kind == "f"
     a = np.asarray(a, dtype=np.float64)
     finite = np.isfinite(a)
@@ -116,11 +114,7 @@ def from_pil(img: Image.Image, min_size: int = 0) -> DecodedImage:
 
 
 def from_array(a: np.ndarray, min_size: int = 0) -> DecodedImage:
-    """Wrap an HxW or HxWxC array (tfds images) as a decoded image.
-
-    uint8 is used as is; uint16 has white 65535; other integers and floats are read as
-    ``to_8bit`` reads them (floats in [0, 1] have white 1.0).
-    """
+    """Wrap an HxW or HxWxC array (tfds images) as a decoded image, scaled as to_8bit reads it."""
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]

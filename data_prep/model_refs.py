@@ -1,4 +1,4 @@
-"""Model references of the CLI flags: loaded weights must fit the class the flag asks for."""
+"""Model flags: references checked before loading, loaded weights must fit the flag's class."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def check_weights(
         return
     shown = ", ".join(sorted(missing)[:3])
     raise ModelError(
-        f"{flag}: the folder holds a {model_type!r} model: {len(missing)} of {total} "
+        f"{flag}: the checkpoint holds a {model_type!r} model: {len(missing)} of {total} "
         f"{cls_name} weights are missing from it ({shown}, ...) and would be random; {advice}"
     )
 
@@ -41,10 +41,8 @@ def _looks_local(ref: str) -> bool:
 
 
 def check_ref(flag: str, ref: str, subfolder: str | None = None, known: tuple = ()) -> None:
-    """Raise ModelError unless ``ref`` is a model folder or a hub id that can be loaded.
-
-    ``known`` are the flag's special values (``pixel``): a near miss of one is named.
-    """
+    """Raise ModelError unless ``ref`` is a model folder or a hub id that can be loaded."""
+    # ``known`` are the flag's special values (``pixel``): a near miss of one is named.
     if _looks_local(ref):
         folder = os.path.join(os.path.expanduser(ref), subfolder or "")
         if not os.path.isdir(folder):
@@ -65,6 +63,6 @@ def check_ref(flag: str, ref: str, subfolder: str | None = None, known: tuple = 
         raise ModelError(f"{flag}: neither a local folder nor a hub model id ({e})") from e
     if constants.HF_HUB_OFFLINE and not isinstance(cached, str):
         raise ModelError(
-            f"{flag}: not a local folder, and not in the local hub cache and HF_HUB_OFFLINE is "
+            f"{flag}: not a local folder and not in the local hub cache, and HF_HUB_OFFLINE is "
             "set: download it first (unset HF_HUB_OFFLINE) or give a local folder"
         )

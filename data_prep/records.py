@@ -210,10 +210,7 @@ def skip_warning(manifest: schema.Manifest) -> str | None:
 
 
 def merge(root: str, tmp_dir: str) -> schema.Manifest:
-    """Build manifest.json from run.json and all shard records.
-
-    IncompleteError if a group is unfinished, EmptyDatasetError if no sample was kept.
-    """
+    """manifest.json from all records; IncompleteError if unfinished, EmptyDatasetError if empty."""
     run = read_run(root)
     groups = range(run["num_groups"])
     done = read_group_records(root, list(groups))

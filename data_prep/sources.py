@@ -211,12 +211,10 @@ class TarSource:
         return digest([posixpath.basename(self.tars[g]), self.sizes[self.tars[g]]])
 
     def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
-        """Whole samples of tar g; a damaged tar ends with a ReadFailure.
-
-        A sample is whole once the header of another key's member follows it, or the tar's
-        end-of-archive block does. A cut or corrupt tar drops the sample it was reading (a
-        ``partial_sample`` item: it may have lost its caption or license fields).
-        """
+        """Whole samples of tar g; a damaged tar ends with a ReadFailure."""
+        # A sample is whole once the header of another key's member follows it, or the tar's
+        # end-of-archive block does. A cut or corrupt tar drops the sample it was reading (a
+        # partial_sample item: it may have lost its caption or license fields).
         name = posixpath.basename(self.tars[g])
         current: dict[str, bytes] = {}
         key = None  # key of the sample being read
@@ -434,7 +432,7 @@ def open_source(
                 raise SourceError(f"input path not found: {url}")
             if not fs.isdir(path):
                 raise SourceError(_file_given(url))
-            has_tars = fs.isdir(path) and any(p.endswith(".tar") for p in fs.find(path))
+            has_tars = any(p.endswith(".tar") for p in fs.find(path))
             fmt = "tars" if has_tars else "folder"
     if fmt == "tfds":
         name = url.removeprefix("tfds:")

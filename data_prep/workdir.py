@@ -70,8 +70,8 @@ def work_dir() -> Iterator[str]:
 
 
 def remove_output_temps(root: str, groups: list[int]) -> list[str]:
-    """Delete temp files a killed run left in a local output: those of ``groups``, and old
-    ones of shared files (other workers clean their own groups')."""
+    """Delete temp files a killed run left in a local output (its groups', old shared ones)."""
+    # Other workers' groups are left to them: their temp files may be in flight.
     mine, removed = set(groups), []
     now = time.time()
     for folder in (root, os.path.join(root, "parts"), os.path.join(root, "shards")):

@@ -1,5 +1,4 @@
-"""Captioning through LLaVA-1.5's real processor settings: the prompt the model receives,
-the caption returned (new tokens only), seeded sampling, the three modes, template errors."""
+"""Captioning through LLaVA-1.5's real processor settings: prompt in, new tokens out."""
 
 import pytest
 import torch

@@ -515,7 +515,7 @@ def test_model_references_checked_before_loading(tiny_models, tmp_path, capsys, 
         (["--vae", "pixels"], "--vae pixels: not a local folder; did you mean --vae pixel?"),
         (["--vae", str(tmp_path / "in")], "has no config.json: not a saved model folder"),
         (["--vae", "pixel", "--text-encoder", "clip=openai/clip-vit-large-patch14"],
-         "not in the local hub cache and HF_HUB_OFFLINE is set"),
+         "not in the local hub cache, and HF_HUB_OFFLINE is set"),
         (["--vae", "pixel", "--text-encoder", f"clip={tiny_models.clip}", "--caption", "all",
           "--captioner", "./no/such/llava"], "--captioner ./no/such/llava: no such folder"),
     ]  # fmt: skip
