@@ -80,6 +80,78 @@ def test_same_seed_same_bytes_other_seed_other_images(ckpt, tiny_models, tmp_pat
     assert settings["sampler"]["steps"] == 3 and settings["decode"]["latent_scale"] == 8.0
 
 
+def test_rerun_into_a_previous_output_replaces_exactly_what_it_wrote(ckpt, tiny_models, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert cli.main(_args(ckpt, tiny_models, out, cache)) == 0  # 2 prompts × 2 images
+    first = _pngs(out)
+    assert cli.main(_args(ckpt, tiny_models, out, cache, "--num", "1", "--decode", "none")) == 0
+    # Nothing stale: 00002.png and 00003.png of the first run are gone.
+    expected = ["00000.png", "00001.png", "grid.png", "latents.npy", "settings.json"]
+    assert sorted(os.listdir(out)) == expected
+    settings = json.loads((out / "settings.json").read_text())
+    assert [r["file"] for r in settings["images"]] == ["00000.png", "00001.png"]
+    assert sorted([*settings["files"], "settings.json"]) == expected and settings["complete"]
+    assert _pngs(out)["00000.png"] != first["00000.png"]  # a latent preview now, not the VAE's
+
+    # settings.json from before it had "files" (images, grid.png, latents.npy) is still ours.
+    del settings["files"], settings["complete"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    assert cli.main(_args(ckpt, tiny_models, out, cache, "--num", "1")) == 0
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid.png", "settings.json"]
+
+
+def test_out_holding_files_this_tool_did_not_write_is_refused(ckpt, tiny_models, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(_args(ckpt, tiny_models, out, cache)) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "--out" in err and "settings.json" in err
+    assert sorted(os.listdir(out)) == ["notes.txt"] and not cache.exists()  # before any work
+
+    # A previous output plus a file of the user's: still refused, nothing removed.
+    (out / "notes.txt").unlink()
+    assert cli.main(_args(ckpt, tiny_models, out, cache, "--num", "1")) == 0
+    before = sorted(os.listdir(out))
+    (out / "00007.png").write_bytes(b"someone else's image")
+    assert cli.main(_args(ckpt, tiny_models, out, cache, "--num", "1")) == 2
+    assert "00007.png" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted([*before, "00007.png"])
+
+    (tmp_path / "file").write_text("x")
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "file", cache)) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_prompts_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text(
+        "\ufeff# held-out prompts\n\n  a red square  \n   # indented comment\na #2 pencil\n"
+    )
+    assert cli.read_prompts(["first"], str(path)) == ["first", "a red square", "a #2 pencil"]
+    path.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        cli.read_prompts(None, str(path))
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_negative_guidance_is_refused(ckpt, tmp_path, capsys, value):
+    argv = [
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "x",
+        "--guidance",
+        value,
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "guidance must be a finite number >= 0" in err and value in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_batch_size_and_prompt_position_do_not_change_an_image(ckpt, tiny_models, tmp_path):
     """The same (prompt, seed) gives the same image in any batch layout, up to float noise."""
     pipe = sample.Pipeline(

@@ -87,7 +87,8 @@ def test_noise_levels_validation():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("steps", 0), ("steps", 2.5), ("guidance", float("nan")), ("sampler", "euler"),
+    [("steps", 0), ("steps", 2.5), ("guidance", float("nan")), ("guidance", -1.0),
+     ("guidance", -1e-9), ("sampler", "euler"),
      ("exponent", 0.0), ("sharp_f", float("inf")), ("seed", "x"), ("exponent", 1e-30)],
 )  # fmt: skip
 def test_sampler_config_validation(field, value):
@@ -290,3 +291,16 @@ def test_noise_shape_is_checked():
     f = sampling.make_sampler(linear_denoise, sampling.SamplerConfig(steps=2), SHAPE)
     with pytest.raises(ValueError, match="start noise shape"):
         f(TEXT, jnp.zeros((B, 4, 4, 5), jnp.float32))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+def test_guidance_zero_is_the_unconditional_prediction(sampler):
+    def uncond_only(x, sigma, text):
+        # Feeds zeros (the unconditional text) to both halves.
+        return linear_denoise(x, sigma, jnp.zeros_like(text))
+
+    cfg = sampling.SamplerConfig(steps=6, guidance=0.0, sampler=sampler)  # the lower bound
+    key = jnp.asarray(NOISE)
+    got = sampling.make_sampler(linear_denoise, cfg, SHAPE)(TEXT, key)
+    # 0·c + 1·u == u exactly for finite c.
+    np.testing.assert_array_equal(got, sampling.make_sampler(uncond_only, cfg, SHAPE)(TEXT, key))

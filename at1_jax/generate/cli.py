@@ -7,6 +7,8 @@ prompt is not in the embedding cache), denoised in JAX (one jitted sampler per b
 and decoded by the Flax VAE decoder (default), diffusers in PyTorch (`--decode torch`), or
 the identity map for pixel-space models. Image k of a prompt starts from the noise of seed
 `--seed + k`, so any image can be remade alone and the same seed gives the same PNG bytes.
+`--out` ends up holding exactly the files its settings.json lists: a rerun into a previous
+output replaces what that run wrote, and a folder holding anything else is refused.
 """
 
 from __future__ import annotations
@@ -29,16 +31,73 @@ from at1_jax.generate.pipeline import Pipeline
 from at1_jax.model.samplers import SAMPLERS, SamplerConfig
 from at1_jax.torch_bridge import MissingExtra
 
+SETTINGS_FILE = "settings.json"
+
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
-    """--prompt values, then the non-empty lines of --prompts-file."""
+    """--prompt values, then the lines of --prompts-file that are neither blank nor `#` comments."""
     out = list(prompt or [])
     if prompts_file:
-        with open(prompts_file, encoding="utf-8") as f:
-            out += [line.strip() for line in f if line.strip()]
+        with open(prompts_file, encoding="utf-8-sig") as f:  # -sig: a BOM is not prompt text.
+            lines = [line.strip() for line in f]
+        out += [line for line in lines if line and not line.startswith("#")]
     if not out:
-        raise ValueError("no prompts: pass --prompt TEXT and/or --prompts-file FILE")
+        raise ValueError(
+            "no prompts: pass --prompt TEXT and/or --prompts-file FILE (one prompt per line; "
+            "lines starting with # are comments)"
+        )
     return out
+
+
+def _listed_files(settings_path: str) -> set[str] | None:
+    """The files a previous run's settings.json says it wrote; None if it is not one of ours."""
+    try:
+        with open(settings_path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(settings, dict):
+        return None
+    files = settings.get("files")
+    images = settings.get("images")
+    if files is None and isinstance(images, list) and all(isinstance(r, dict) for r in images):
+        # Written before settings.json had "files": these are the names that version wrote.
+        files = [r.get("file") for r in images] + ["grid.png", "latents.npy"]
+    if not (isinstance(files, list) and all(isinstance(n, str) for n in files)):
+        return None
+    return set(files)
+
+
+def previous_output(out: str) -> list[str]:
+    """Files of an earlier run in `out` to replace; a ValueError if `out` holds anything else."""
+    if not os.path.exists(out):
+        return []
+    if not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    present = sorted(os.listdir(out))
+    listed = _listed_files(os.path.join(out, SETTINGS_FILE))
+    if listed is None:  # no settings.json of ours: nothing there is ours.
+        foreign = present
+    else:
+        foreign = [
+            n
+            for n in present
+            if n not in listed | {SETTINGS_FILE} or not os.path.isfile(os.path.join(out, n))
+        ]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ValueError(
+            f"--out {out} holds files that no earlier `python -m at1_jax.sample` run there "
+            f"lists in its {SETTINGS_FILE} ({', '.join(foreign[:5])}{more}); choose a new or "
+            "empty --out, or move those files away (a rerun replaces only what a run wrote)"
+        )
+    # settings.json goes last (overwritten): until then the folder stays recognisably ours.
+    return [n for n in present if n != SETTINGS_FILE]
+
+
+def _write_settings(out: str, settings: dict) -> None:
+    with open(os.path.join(out, SETTINGS_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,13 +106,19 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="weights folder or training run (local or s3://)"
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--prompts-file", help="one prompt per line; blank and # lines are skipped")
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument(
+        "--guidance", type=float, default=6.0, help="0: unconditional, 1: no guidance, > 1: more"
+    )
     p.add_argument("--sampler", default="dpmpp2m", choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=11, help="image k of each prompt uses seed + k")
     p.add_argument("--num", type=int, default=4, help="images per prompt")
-    p.add_argument("--out", default="outputs/sample")
+    p.add_argument(
+        "--out",
+        default="outputs/sample",
+        help="output folder: new, empty, or an earlier run's output (replaced)",
+    )
     p.add_argument("--decode", default="jax", choices=DECODERS)
     p.add_argument(
         "--vae",
@@ -86,6 +151,7 @@ def main(argv=None) -> int:
             bright_f=args.bright_f,
             seed=args.seed,
         )
+        stale = previous_output(args.out)
         pipe = Pipeline.from_args(args)
         pipe.require(prompts)
     except (MissingFiles, MissingExtra, ValueError, OSError) as e:
@@ -96,17 +162,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     imgs, x0 = pipe.generate(all_prompts, seeds, sampler)
     total = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    records = []
-    for i, (prompt, seed) in enumerate(zip(all_prompts, seeds, strict=True)):
-        name = f"{i:05d}.png"
-        images.save_png(imgs[i], os.path.join(args.out, name))
-        records.append({"file": name, "prompt": prompt, "seed": seed})
-    images.save_png(
-        images.grid(imgs[:64], ncols=min(args.num, 8)), os.path.join(args.out, "grid.png")
-    )
-    if args.decode == "none":
-        np.save(os.path.join(args.out, "latents.npy"), x0)
+    records = [
+        {"file": f"{i:05d}.png", "prompt": prompt, "seed": seed}
+        for i, (prompt, seed) in enumerate(zip(all_prompts, seeds, strict=True))
+    ]
+    files = [r["file"] for r in records] + ["grid.png"]
+    files += ["latents.npy"] if args.decode == "none" else []
     settings = {
         "checkpoint": args.checkpoint,
         "checkpoint_info": pipe.info,
@@ -116,10 +177,23 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "backend": jax.default_backend(),
         "images": records,
+        "files": files,  # every file of --out besides this one
+        "complete": False,
         "timing_s": {**pipe.timing, "total": total},
     }
-    with open(os.path.join(args.out, "settings.json"), "w") as f:
-        json.dump(settings, f, indent=2)
+    for name in stale:
+        os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    # Written first, so a run cut short still leaves a folder that the next run may replace.
+    _write_settings(args.out, settings)
+    for i, record in enumerate(records):
+        images.save_png(imgs[i], os.path.join(args.out, record["file"]))
+    images.save_png(
+        images.grid(imgs[:64], ncols=min(args.num, 8)), os.path.join(args.out, "grid.png")
+    )
+    if args.decode == "none":
+        np.save(os.path.join(args.out, "latents.npy"), x0)
+    _write_settings(args.out, {**settings, "complete": True})
     print(
         f"wrote {len(imgs)} images + grid.png + settings.json to {args.out} in {total:.1f} s "
         f"(embed {pipe.timing['embed_s']:.1f}, denoise {pipe.timing['denoise_s']:.1f} incl. "

@@ -59,7 +59,14 @@ class SamplerConfig:
             raise bad("sampler", f"one of {SAMPLERS}")
         if not (is_finite(self.exponent) and self.exponent > 0):
             raise bad("exponent", "a finite number > 0")
-        for name in ("guidance", "sharp_f", "bright_f"):
+        # x0 = g·cond + (1 − g)·uncond: g < 0 would push images away from their prompt.
+        if not (is_finite(self.guidance) and self.guidance >= 0):
+            raise bad(
+                "guidance",
+                "a finite number >= 0 (0: unconditional, 1: conditional without guidance, "
+                "> 1: stronger prompt adherence; the references use 4.5 to 6)",
+            )
+        for name in ("sharp_f", "bright_f"):
             if not is_finite(getattr(self, name)):
                 raise bad(name, "a finite number")
         if not is_int(self.seed):
