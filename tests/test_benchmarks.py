@@ -39,3 +39,20 @@ def test_train_benchmark_counts_every_device():
     # model with data=4). Counting one device only would give ~0.3.
     assert 1.0 <= r["hardware_flops"] / (8 * per_image) < 1.35
     assert r["model_flops"] == 8 * flops.analytic_train_flops(model)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        # The 4 test devices stand in for the one of a plain CPU: 3 divides neither.
+        (["--fsdp", "3"], "error: --data -1 --fsdp 3 --tensor 1: mesh: 4 devices are not"),
+        (["--data", "2", "--fsdp", "4"], "must equal the 4 available devices"),
+        (["--fsdp", "2", "--batch", "6"], "--batch 6 must be a multiple of the data-parallel"),
+        (["--preset", "nope"], "error: unknown model preset 'nope'"),
+    ],
+)
+def test_train_benchmark_names_a_mesh_or_batch_that_does_not_fit(capsys, args, message):
+    assert bench.main(["train", "--preset", "tld-tiny", "--steps", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 import jax
@@ -174,19 +175,46 @@ def bench_train(cfg, steps: int) -> dict:
     return out
 
 
-def _main_train(args) -> int:
-    from at1_jax.train.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+def check_train_setup(cfg) -> None:
+    """The mesh fits the devices and the batch splits over it; ConfigError says what to pass."""
+    from at1_jax.train import config, sharding
 
-    model = dataclasses.replace(
-        get_preset(args.preset), dtype=args.dtype, remat=args.remat, depthwise=args.depthwise
-    )
-    cfg = TrainConfig(
-        steps=1000,
-        model=model,
-        data=DataConfig(path="synthetic", batch_size=args.batch),
-        optim=OptimConfig(grad_accum=args.grad_accum, clip_norm=1.0),
-        mesh=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
-    )
+    config.validate(cfg)
+    m = cfg.mesh
+    try:
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as e:
+        raise config.ConfigError(
+            f"--data {m.data} --fsdp {m.fsdp} --tensor {m.tensor}: {e}. Choose sizes whose "
+            f"product divides the {jax.device_count()} {jax.default_backend()} device(s); on "
+            "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N fake devices"
+        ) from None
+    dp = sharding.data_parallel_size(mesh, cfg.mesh.rules)
+    if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
+        raise config.ConfigError(
+            f"--batch {cfg.data.batch_size} must be a multiple of the data-parallel size {dp} "
+            f"× --grad-accum {cfg.optim.grad_accum}"
+        )
+
+
+def _main_train(args) -> int:
+    from at1_jax.train.config import ConfigError, DataConfig, MeshConfig, OptimConfig, TrainConfig
+
+    try:
+        model = dataclasses.replace(
+            get_preset(args.preset), dtype=args.dtype, remat=args.remat, depthwise=args.depthwise
+        )
+        cfg = TrainConfig(
+            steps=1000,
+            model=model,
+            data=DataConfig(path="synthetic", batch_size=args.batch),
+            optim=OptimConfig(grad_accum=args.grad_accum, clip_norm=1.0),
+            mesh=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
+        )
+        check_train_setup(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     r = bench_train(cfg, args.steps)
     dev = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()}")
