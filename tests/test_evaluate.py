@@ -9,6 +9,7 @@ from fixtures_models import make_tokenizer
 from PIL import Image
 from test_sample import save_tiny_denoiser
 
+from at1_jax.decode import images
 from at1_jax.evaluate import cli as evaluate
 from at1_jax.evaluate import metrics
 
@@ -147,8 +148,10 @@ def test_sweep_report_matches_independent_metrics(tmp_path, tiny_models, tiny_cl
         # logits = exp(logit_scale)·cos in fp32: recovering cos costs a few ulp.
         assert row["clip_score"] == pytest.approx(np.mean(100 * np.maximum(cos, 0)), abs=1e-4)
     assert fids[0] != fids[1]  # guidance changes the images
-    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
-    assert grid.shape == (2 + 2 * 66, 2 + 6 * 66, 3)  # a row of 6 images per guidance value
+    sheet = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
+    cell = images.SHEET_MIN_CELL // 64 * 64  # 64-px images, upscaled to at least 128
+    assert sheet.shape[1] == 8 + 6 * (cell + 8)  # a row of 6 labelled images per guidance value
+    assert sheet.shape[0] > 30 + 2 * cell  # title band, two rows, captions under each
 
 
 def test_fid_of_the_reference_set_with_itself_is_zero(coco):

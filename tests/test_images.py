@@ -1,6 +1,7 @@
 """PNG grids and latent previews."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from at1_jax.decode import images
@@ -31,3 +32,34 @@ def test_latent_preview_scales_each_channel_to_unit_range():
     assert prev.shape == (2, 8, 8, 3)
     np.testing.assert_allclose(prev.min(axis=(0, 1, 2)), 0.0, atol=1e-6)
     np.testing.assert_allclose(prev.max(axis=(0, 1, 2)), 1.0, atol=1e-6)
+
+
+def _dark_rows(page: np.ndarray, x0: int, x1: int, y0: int) -> int:
+    """How many pixel rows below y0 (between x0 and x1) hold dark text."""
+    return int((page[y0:, x0:x1].min(axis=(1, 2)) < 100).sum())
+
+
+def test_sheet_upscales_small_images_nearest_and_labels_each_one():
+    imgs = np.zeros((3, 8, 8, 3), np.uint8)
+    imgs[:, :4] = 200  # top half light, bottom half black
+    imgs[1, :, :, 0] = 255
+    pages = images.sheet(imgs, ["a red square\nseed 1 · guidance 5", "b", "c"], "run · step 7")
+    assert len(pages) == 1
+    page = pages[0]
+    scale = images.SHEET_MIN_CELL // 8  # 16× nearest neighbour: exact blocks, no blur
+    x, y = 8, 30  # first cell's corner (pad, title band)
+    cell = page[y : y + 8 * scale, x : x + 8 * scale]
+    np.testing.assert_array_equal(cell, np.repeat(np.repeat(imgs[0], scale, 0), scale, 1))
+    below = y + 8 * scale
+    # two caption lines under the first image, one under the second
+    assert _dark_rows(page, x, x + 128, below) > _dark_rows(page, x + 136, x + 264, below) > 0
+    assert _dark_rows(page[:30], 0, page.shape[1], 0) > 0  # the title line
+
+
+def test_sheet_pages_instead_of_cutting():
+    imgs = np.full((7, 16, 16, 3), 90, np.uint8)
+    pages = images.sheet(imgs, [f"prompt {i}" for i in range(7)], "t", ncols=2, per_page=3)
+    assert len(pages) == 3  # 3 + 3 + 1: every image shown
+    assert pages[0].shape[0] > pages[2].shape[0]  # the last page has one row
+    with pytest.raises(ValueError, match="7 images but 6 captions"):
+        images.sheet(imgs, ["x"] * 6, "t")

@@ -47,3 +47,87 @@ def save_png(image_HWC, path: str) -> str:
     )
     os.replace(tmp, path)
     return path
+
+
+SHEET_MIN_CELL = 128  # small images are upscaled (nearest neighbour) to at least this
+SHEET_PER_PAGE = 48
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's bundled font: no system fonts needed
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels per paragraph; an overlong word is cut."""
+    return [line for para in text.split("\n") for line in _wrap_paragraph(para, font, width)]
+
+
+def _wrap_paragraph(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if font.getlength(trial) <= width:
+            line = trial
+            continue
+        if line:
+            lines.append(line)
+        while font.getlength(word) > width:
+            cut = max(1, int(len(word) * width / font.getlength(word)))
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    return [*lines, line] if line else lines
+
+
+def sheet(
+    images_NHWC,
+    captions: list[str],
+    title: str,
+    ncols: int | None = None,
+    per_page: int = SHEET_PER_PAGE,
+) -> list[np.ndarray]:
+    """Labelled pages: each image (upscaled if small) with its wrapped caption under it.
+
+    Every image and caption appears: past `per_page` images the sheet continues on more
+    pages (title "… page k/n"), never cut.
+    """
+    from PIL import Image, ImageDraw
+
+    imgs = images_NHWC if images_NHWC.dtype == np.uint8 else to_uint8(images_NHWC)
+    if len(captions) != len(imgs):
+        raise ValueError(f"{len(imgs)} images but {len(captions)} captions")
+    n, h, w, _ = imgs.shape
+    scale = max(1, math.ceil(SHEET_MIN_CELL / max(h, w)))
+    cw, ch = w * scale, h * scale
+    font, title_font, pad = _font(12), _font(16), 8
+    line_h = 15
+    pages = max(1, math.ceil(n / per_page))
+    out = []
+    for page in range(pages):
+        idx = range(page * per_page, min(n, (page + 1) * per_page))
+        cols = ncols or min(len(idx), max(1, math.ceil(math.sqrt(len(idx)))))
+        rows = math.ceil(len(idx) / cols)
+        texts = {i: _wrap(captions[i], font, cw) for i in idx}
+        text_h = line_h * max((len(t) for t in texts.values()), default=0)
+        cell_h = ch + text_h + pad
+        head = title if pages == 1 else f"{title} (page {page + 1}/{pages})"
+        canvas = Image.new("RGB", (pad + cols * (cw + pad), 30 + rows * cell_h + pad), "white")
+        draw = ImageDraw.Draw(canvas)
+        draw.text((pad, 6), head, fill="black", font=title_font)
+        for k, i in enumerate(idx):
+            r, c = divmod(k, cols)
+            x, y = pad + c * (cw + pad), 30 + r * cell_h
+            tile = Image.fromarray(imgs[i].squeeze(-1) if imgs.shape[-1] == 1 else imgs[i])
+            canvas.paste(tile.resize((cw, ch), Image.Resampling.NEAREST), (x, y))
+            for j, line in enumerate(texts[i]):
+                draw.text((x, y + ch + 2 + j * line_h), line, fill="black", font=font)
+        out.append(np.asarray(canvas))
+    return out
+
+
+def save_pages(pages: list[np.ndarray], path: str) -> list[str]:
+    """Write sheet pages as `path` (page 1) and `stem-2.png`, `stem-3.png`…; returns the paths."""
+    stem, ext = os.path.splitext(path)
+    return [save_png(p, path if k == 0 else f"{stem}-{k + 1}{ext}") for k, p in enumerate(pages)]

@@ -241,7 +241,8 @@ def evaluate(
             )
             if i == 0:
                 grid_rows.append([])
-            grid_rows[-1].extend(imgs[: GRID_COLUMNS - len(grid_rows[-1])])
+            for j, img in zip(idx, imgs[: GRID_COLUMNS - len(grid_rows[-1])], strict=False):
+                grid_rows[-1].append((img, f"{captions[j]}\nseed {args.seed + j} · guidance {g:g}"))
             if args.save_images:
                 for j, img in zip(idx, imgs, strict=True):
                     images.save_png(img, os.path.join(args.out, f"g{g:g}", f"{j:05d}.png"))
@@ -259,8 +260,12 @@ def evaluate(
         report["rows"].append(row)
     report["sampler"] = {"steps": args.steps, "sampler": args.sampler}
     report["timing_s"] = dict(pipe.timing)
-    grid = images.grid(np.stack([im for row in grid_rows for im in row]), ncols=len(grid_rows[0]))
-    images.save_png(grid, os.path.join(args.out, "grid.png"))
+    cells = [cell for row in grid_rows for cell in row]
+    title = f"{args.checkpoint} · {args.sampler} {args.steps} steps · one row per guidance"
+    pages = images.sheet(
+        np.stack([im for im, _ in cells]), [c for _, c in cells], title, ncols=len(grid_rows[0])
+    )
+    report["sheets"] = images.save_pages(pages, os.path.join(args.out, "grid.png"))
     return report
 
 
