@@ -115,7 +115,9 @@ def test_ray_launcher_trains_and_fans_out_encoding(dataset, tmp_path):
     gang = ["--workers", "2", "--gpus-per-worker", "0", "--schedule-timeout", "60"]
     run = str(tmp_path / "run")
     log = tmp_path / "ray_train.log"
-    train = [*gang, "--cpu-devices", "2", "--coordinator-port", str(free_port())]
+    # No --gpus-per-worker: CPU workers must not wait for GPUs this cluster does not have.
+    train = ["--workers", "2", "--schedule-timeout", "60", "--cpu-devices", "2"]
+    train += ["--coordinator-port", str(free_port())]
     args = [f"--config.data.path={dataset}", f"--config.run_dir={run}"]
     proc = start([*ray_cmd, "train", *train, "--", *TRAIN, *args], log, env)
     assert finish(proc, 180) == 0, read(log)[-3000:]
@@ -136,6 +138,33 @@ def test_ray_launcher_trains_and_fans_out_encoding(dataset, tmp_path):
     assert finish(proc, 90) == 0, read(log)[-3000:]
     shares = {p.name: p.read_text() for p in out.iterdir()}
     assert shares == {str(i): f"--x --num-workers 2 --worker-index {i}" for i in range(2)}
+
+
+def _ray_launcher():
+    pytest.importorskip("ray", reason="Ray is in the `launch` extra: pip install -e .[launch]")
+    sys.path.insert(0, os.path.join(ROOT, "launch", "ray"))
+    try:
+        import launcher
+    finally:
+        sys.path.pop(0)
+    return launcher
+
+
+def test_ray_launcher_cpu_devices_reserve_no_gpus(capsys):
+    launcher = _ray_launcher()
+    for mode in ("train", "encode"):
+        args, cmd = launcher.parse([mode, "--workers", "2", "--cpu-devices", "2", "--", "x"])
+        assert args.gpus_per_worker == 0 and cmd == ["x"]
+        args, _ = launcher.parse([mode, "--workers", "2", "--", "x"])
+        assert args.gpus_per_worker == 1  # GPU workers stay the default
+        args, _ = launcher.parse([mode, "--workers", "2", "--gpus-per-worker", "0.5", "--", "x"])
+        assert args.gpus_per_worker == 0.5
+    with pytest.raises(SystemExit):
+        launcher.parse(["train", "--workers", "2", "--cpu-devices", "2", "--gpus-per-worker", "1",
+                        "--", "x"])  # fmt: skip
+    assert "--cpu-devices 2 runs JAX on fake CPU devices: --gpus-per-worker 1" in (
+        capsys.readouterr().err
+    )
 
 
 def test_entrypoint_turns_a_clean_sigterm_stop_into_143(tmp_path):

@@ -100,6 +100,12 @@ class Gang:
         bundle = {"CPU": args.cpus_per_worker}
         if args.gpus_per_worker:
             bundle["GPU"] = args.gpus_per_worker
+        need, have = args.gpus_per_worker * args.workers, ray.cluster_resources().get("GPU", 0)
+        if need > have:  # an autoscaler may still add them: say why we wait, do not give up
+            print(
+                f"[launcher] the gang needs {need:g} GPUs, the cluster has {have:g} now: "
+                f"waiting up to {args.schedule_timeout:.0f} s (--cpu-devices N runs on CPUs)"
+            )
         self.pg = placement_group([bundle] * args.workers, strategy=args.strategy)
         try:
             ray.get(self.pg.ready(), timeout=args.schedule_timeout)
@@ -230,7 +236,7 @@ def parse(argv):
     for mode in ("train", "encode"):
         s = sub.add_parser(mode)
         s.add_argument("--workers", type=int, required=True)
-        s.add_argument("--gpus-per-worker", type=float, default=1)
+        s.add_argument("--gpus-per-worker", type=float, help="default 1, or 0 with --cpu-devices")
         s.add_argument("--cpus-per-worker", type=float, default=1)
         s.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (no GPUs)")
         s.add_argument("--coordinator-port", type=int, default=DEFAULT_PORT)
@@ -246,6 +252,14 @@ def parse(argv):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         p.error("give the command after --")
+    cpu = args.cpu_devices
+    if args.gpus_per_worker is None:  # CPU workers must not wait for GPUs to be placed
+        args.gpus_per_worker = 0 if cpu else 1
+    elif cpu and args.gpus_per_worker:
+        p.error(
+            f"--cpu-devices {cpu} runs JAX on fake CPU devices: --gpus-per-worker "
+            f"{args.gpus_per_worker:g} would hold GPUs it never uses; drop it or pass 0"
+        )
     return args, cmd
 
 
