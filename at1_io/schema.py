@@ -16,6 +16,7 @@ Typical use::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -197,10 +198,15 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 class _CountingReader(io.RawIOBase):
-    """Read-only stream wrapper that counts the bytes read (tarfile hides truncation)."""
+    """Read-only stream wrapper that counts the bytes read and keeps the last few chunks.
+
+    tarfile hides truncation, and in stream mode takes a garbage header for the end of the
+    archive: the count and the recent bytes let the reader check the end block itself.
+    """
 
     def __init__(self, f: IO[bytes]):
         self.f, self.count = f, 0
+        self.recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=4)
 
     def readable(self) -> bool:
         return True
@@ -208,8 +214,19 @@ class _CountingReader(io.RawIOBase):
     def readinto(self, b) -> int:
         data = self.f.read(len(b))
         b[: len(data)] = data
+        self.recent.append((self.count, bytes(data)))
         self.count += len(data)
         return len(data)
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The tar block at `offset` if it is among the recently read bytes."""
+        if not self.recent:
+            return None
+        start = self.recent[0][0]
+        data = b"".join(chunk for _, chunk in self.recent)
+        if not start <= offset <= start + len(data) - tarfile.BLOCKSIZE:
+            return None
+        return data[offset - start : offset - start + tarfile.BLOCKSIZE]
 
 
 def iter_tar_files(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -226,12 +243,15 @@ def iter_tar_files(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 f = tar.extractfile(member)
                 yield member.name, f.read() if f is not None else b""
         end = tar.offset
+        block = counter.block_at(end)
         while stream.read(1 << 20):
             pass
     if counter.count < end + tarfile.BLOCKSIZE:
         raise tarfile.ReadError(
             f"truncated tar: ends at byte {counter.count}, before its end block"
         )
+    if block is not None and any(block):
+        raise tarfile.ReadError(f"corrupt tar: an invalid header at byte {end}, not its end block")
 
 
 def _decode_field(field: str, data: bytes, where: str) -> tuple[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from typing import Any
@@ -119,6 +120,10 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return sorted(prefix + p for p, info in found.items() if info.get("type") == "file")
 
 
+# The hidden temp name a local write uses beside its target; a killed process leaves these.
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{32}\.tmp$")
+
+
 def _complete_or_absent(path: str, write) -> None:
     """Runs `write(tmp)` on a hidden temp name beside `path`, then renames it into place."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -149,6 +154,15 @@ def put_file(local_path: str, url: str) -> None:
         fs.put_file(local_path, path)
         return
     _complete_or_absent(path, lambda tmp: shutil.copyfile(local_path, tmp))
+
+
+def remove(url: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = get_fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def put_bytes(data: bytes, url: str, tmp_dir: str) -> None:

@@ -189,7 +189,7 @@ def _publish_shard(
         storage.put_file(local, storage.join(root, path))  # the tar first, then its record
         os.remove(local)
     else:  # a changed input may have left a tar of this name that no record will name
-        records.remove(storage.join(root, records.shard_path(name)))
+        storage.remove(storage.join(root, records.shard_path(name)))
     rec = records.ShardRecord(
         name,
         path,
@@ -216,7 +216,7 @@ def _forget_changed_groups(root: str, groups: list[int]) -> None:
         what = f"input groups {listed} changed since they were encoded: encoding them again"
     log.warning("%s (files added, removed or resized)", what)
     for g in groups:
-        records.remove(storage.join(root, records.group_done_path(g)))
+        storage.remove(storage.join(root, records.group_done_path(g)))
 
 
 def run(s: EncodeSettings) -> RunResult:

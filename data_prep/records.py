@@ -137,15 +137,6 @@ def read_group_records(root: str, groups: list[int]) -> dict[int, dict]:
     return out
 
 
-def remove(url: str) -> None:
-    """Delete a file if it exists."""
-    fs, path = storage.get_fs(url)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
-
-
 def remove_stale_chunks(root: str, group: int, chunks: int) -> list[str]:
     """Delete tars and records of chunks >= ``chunks`` of a group (left by an earlier input)."""
     stale = []
@@ -153,7 +144,7 @@ def remove_stale_chunks(root: str, group: int, chunks: int) -> list[str]:
         for url in storage.list_files(storage.join(root, folder), f"{group:05d}-*{ext}"):
             name = posixpath.basename(url).removesuffix(ext)
             if int(name.split("-")[1]) >= chunks:
-                remove(url)
+                storage.remove(url)
                 stale.append(url)
     return stale
 

@@ -17,11 +17,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from at1_io import storage
+
 log = logging.getLogger(__name__)
 PREFIX = "data_prep-"
 LOCK = ".lock"
-# storage.put_file's temp name: ".{target}.{uuid4 hex}.tmp" beside the target.
-TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{32}\.tmp$")
 GROUP_RE = re.compile(r"^(?:(?P<g>\d{5})-\d{4}\.(?:tar|json)|group-(?P<d>\d{5})\.done\.json)$")
 # A shared file (run.json, manifest.json, val_prompts.tar) is written in well under a second:
 # a temp copy of one this old is left by a killed run, not one in flight.
@@ -78,7 +78,7 @@ def remove_output_temps(root: str, groups: list[int]) -> list[str]:
         if not os.path.isdir(folder):
             continue
         for entry in os.scandir(folder):
-            m = TEMP_RE.match(entry.name)
+            m = storage.TEMP_RE.match(entry.name)
             if not m or not entry.is_file(follow_symlinks=False):
                 continue
             g = GROUP_RE.match(m["target"])

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
-from fixtures_shards import make_dataset
 
 from at1_io import schema
+from at1_io.synthetic import make_dataset
 from at1_jax.train import data
 
 

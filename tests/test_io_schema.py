@@ -85,6 +85,12 @@ def test_truncated_and_pickled_shards_are_rejected():
     # Cut exactly at a member boundary: tarfile alone would call this a normal end.
     with pytest.raises(schema.SchemaError, match="truncated tar"):
         list(schema.iter_shard_samples(data[:1024], "t"))
+    # A garbage header in the middle: tarfile's stream mode alone stops there silently.
+    offsets = [i for i in range(0, len(data), 512) if data[i : i + 1] not in (b"\0", b"")]
+    second_header = next(o for o in offsets if data[o : o + 2] == b"b.")
+    bad = data[:second_header] + b"\x7f" * 512 + data[second_header + 512 :]
+    with pytest.raises(schema.SchemaError, match="corrupt tar: an invalid header"):
+        list(schema.iter_shard_samples(bad, "t"))
     buf = io.BytesIO()
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     import tarfile

@@ -14,7 +14,8 @@ import time
 import kubernetes_validate
 import pytest
 import yaml
-from fixtures_shards import make_dataset
+
+from at1_io.synthetic import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "launch_tinycfg.py")

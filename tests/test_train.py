@@ -11,9 +11,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from fixtures_shards import make_dataset
 from flax import nnx
 
+from at1_io.synthetic import make_dataset
 from at1_jax.checkpointing import checkpoints as checkpoint
 from at1_jax.train import config, sharding
 from at1_jax.train import step as train_step
