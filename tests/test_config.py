@@ -65,7 +65,7 @@ def test_overrides_of_every_kind():
         ("--config.model.cross_heads=x", "cross_heads=x: cannot parse 'x' as int | None"),
         ("--config.mesh.rules=[[1", "rules=[[1: cannot parse '[[1' as tuple[tuple[str"),
         ("--config.model=at7", "--config.model=at7: unknown model preset 'at7'; known: at1"),
-        ("--config.model.width=100", "model.width=100 is not a multiple of model.head_dim"),
+        ("--config.model.width=200", "model.width=200 does not split into 3 equal heads"),
         ("--config.objective.beta_a=0", "ObjectiveConfig.beta_a must be a finite number > 0"),
         ("--config.optim=1", "--config.optim=1: set the fields of section 'optim' one by one"),
         ("--config.steps.x=1", "--config.steps.x=1: config.steps has no sub-fields"),
@@ -120,18 +120,18 @@ def test_a_model_preset_applies_in_command_line_order():
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["--config.model.width=96", "--config.model.head_dim=32"],
-        ["--config.model.head_dim=32", "--config.model.width=96"],
+        ["--config.model.width=200", "--config.model.head_dim=40"],
+        ["--config.model.head_dim=40", "--config.model.width=200"],
     ],
 )
 def test_nested_overrides_are_checked_together(overrides):
-    """A section is rebuilt once from all its overrides, so no order passes through width=96/64."""
+    """A section is rebuilt once from all its overrides: either order alone would be invalid."""
     base = config.load_file("configs/cpu.py")
     cfg = config.apply_overrides(base, overrides)
     config.validate(cfg)
-    assert cfg.model == dataclasses.replace(base.model, width=96, head_dim=32)
+    assert cfg.model == dataclasses.replace(base.model, width=200, head_dim=40)
     # tld-tiny has cross_heads=None: cross-attention follows the self-attention head count.
-    assert (cfg.model.self_heads, cfg.model.n_cross_heads) == (3, 3)
+    assert (cfg.model.self_heads, cfg.model.n_cross_heads) == (5, 5)
     assert cfg.model.num_tokens == base.model.num_tokens
     m = cfg.model
     x = jax.ShapeDtypeStruct((2, m.latent_channels, m.latent_size, m.latent_size), jnp.float32)
@@ -139,8 +139,8 @@ def test_nested_overrides_are_checked_together(overrides):
     text = jax.ShapeDtypeStruct((2, m.text_dim), jnp.float32)
     out = jax.eval_shape(lambda x, s, t: Denoiser(m, nnx.Rngs(0))(x, s, t), x, sigma, text)
     assert out.shape == x.shape  # the network builds and traces with the overridden sizes
-    with pytest.raises(config.ConfigError, match=r"model.width=96 is not a multiple of model.hea"):
-        config.apply_overrides(base, ["--config.model.width=96"])
+    with pytest.raises(config.ConfigError, match=r"model.width=200 does not split into 3 equal"):
+        config.apply_overrides(base, ["--config.model.width=200"])
 
 
 def test_cli_turns_a_bad_override_into_one_error_line(capsys):

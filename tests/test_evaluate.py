@@ -192,6 +192,9 @@ def test_missing_weights_are_all_named_before_any_work(tmp_path, tiny_models, co
     assert evaluate.main([*argv, "--metrics", "clip"]) == 2
     err = capsys.readouterr().err
     assert "nockpt" in err and "openai/clip-vit-large-patch14" in err and "pt_inception" not in err
+    bad_guidance = [*argv, "--metrics", "clip", "--guidance", "3,-1"]
+    assert evaluate.main(bad_guidance) == 2
+    assert "guidance" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # ~40-70 s: two 2048-d sqrtm (~11 s each here) and an Inception compile

@@ -276,7 +276,8 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
     try:
         if not want or want - {"fid", "clip"}:
             raise ValueError(f"--metrics {args.metrics!r}: choose from fid, clip")
-        _parse_guidance(args.guidance)
+        for g in _parse_guidance(args.guidance):  # every sampler setting checked before work
+            SamplerConfig(steps=args.steps, guidance=g, sampler=args.sampler)
         if args.num_images < 2 and "fid" in want:
             raise ValueError("--num-images must be >= 2 for FID (it needs a covariance)")
         need_inception = "fid" in want and feature_extractor is None
