@@ -1,7 +1,9 @@
 """Dataset manifest schema and shard reader: pure numpy, no torch or webdataset.
 
 The trainer imports exactly this module. A dataset is a root folder (local or s3://) with
-``manifest.json`` and ``shards/*.tar``. Each shard is a webdataset tar: members named
+``manifest.json``, ``shards/*.tar`` (the training split) and, when the data stage held one
+out, ``val/*.tar`` (the validation split, ``Manifest.val_shards``). Each shard is a
+webdataset tar: members named
 ``{key}.{field}`` where the key has no dots; fields are ``{array}.npy`` (one array each),
 ``caption.txt`` (and ``original_caption.txt`` in "both" caption mode) and ``json`` (metadata).
 
@@ -12,6 +14,9 @@ Typical use::
         with open(root + "/" + shard.path, "rb") as f:
             for sample in iter_shard_samples(f, shard.name, manifest):
                 sample["latent_mean"], sample["caption"], sample["json"]["license"]
+    read = lambda shard: open(root + "/" + shard.path, "rb").read()
+    for sample in iter_split_samples(manifest, VAL, read):  # checksums and arrays checked
+        ...
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import numpy as np
@@ -30,7 +35,10 @@ import numpy as np
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
+VAL_SHARD_DIR = "val"
 VAL_PROMPTS_PATH = "val_prompts.tar"
+TRAIN, VAL = "train", "val"
+SPLITS = (TRAIN, VAL)
 
 # Fields that are not arrays.
 CAPTION_FIELD = "caption"
@@ -60,18 +68,37 @@ class ArraySpec:
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
-    """One complete shard: its path relative to the dataset root, size and checksum."""
+    """One complete shard: its path relative to the dataset root, size, checksum and input."""
 
     name: str
     path: str
     num_samples: int
     sha256: str
     size_bytes: int
+    # The input its samples came from (data set root, input tar or table); "" when unknown.
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTotals:
+    """Kept samples of one split, by license, source (input) and caption origin; its skips."""
+
+    num_samples: int
+    num_shards: int
+    licenses: dict[str, int]
+    sources: dict[str, int]
+    caption_origins: dict[str, int]
+    skipped: dict[str, int]
 
 
 @dataclasses.dataclass
 class Manifest:
-    """Everything a reader needs to know about a dataset."""
+    """Everything a reader needs to know about a dataset.
+
+    ``shards`` is the training split. ``val_shards`` is the held-out validation split (empty
+    when the data stage wrote none). Counts (``licenses``, ``sources``, ...) cover both
+    splits; ``splits`` holds them per split (empty in manifests written before splits).
+    """
 
     schema_version: int
     arrays: dict[str, ArraySpec]
@@ -86,17 +113,43 @@ class Manifest:
     license_rejected: dict[str, int]
     caption_origins: dict[str, int]
     val_prompts: dict[str, Any] | None = None
+    val_shards: list[ShardInfo] = dataclasses.field(default_factory=list)
+    sources: dict[str, int] = dataclasses.field(default_factory=dict)
+    splits: dict[str, SplitTotals] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
-        """Total samples over all shards."""
+        """Samples of the training split (``shards``)."""
         return sum(s.num_samples for s in self.shards)
+
+    @property
+    def val_num_samples(self) -> int:
+        """Samples of the validation split (``val_shards``); 0 without one."""
+        return sum(s.num_samples for s in self.val_shards)
+
+    def split_shards(self, split: str) -> list[ShardInfo]:
+        """Shards of ``train`` or ``val``."""
+        if split not in SPLITS:
+            raise SchemaError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        return self.shards if split == TRAIN else self.val_shards
+
+    def totals(self, split: str) -> SplitTotals:
+        """Kept-sample counts of one split; counts `{}` (unknown) where the manifest lacks them."""
+        shards = self.split_shards(split)
+        if split in self.splits:
+            return self.splits[split]
+        n = sum(s.num_samples for s in shards)
+        if split == TRAIN and not self.val_shards:  # every counted sample is a training one
+            counts = (self.licenses, self.sources, self.caption_origins, self.skipped)
+            return SplitTotals(n, len(shards), *map(dict, counts))
+        return SplitTotals(n, len(shards), {}, {}, {}, {})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         d = dataclasses.asdict(self)
         d["arrays"] = {k: {**v, "shape": list(v["shape"])} for k, v in d["arrays"].items()}
         d["num_samples"] = self.num_samples
+        d["val_num_samples"] = self.val_num_samples
         return d
 
 
@@ -113,11 +166,54 @@ def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any
     return d[key]
 
 
-def _counts(d: dict, key: str) -> dict[str, int]:
-    c = _require(d, key, dict, "manifest")
+def _counts(d: dict, key: str, where: str = "manifest") -> dict[str, int]:
+    c = _require(d, key, dict, where)
     if not all(isinstance(v, int) for v in c.values()):
-        raise SchemaError(f"manifest: {key!r} must map names to integer counts")
+        raise SchemaError(f"{where}: {key!r} must map names to integer counts")
     return dict(c)
+
+
+def _shard_list(items: list, key: str) -> list[ShardInfo]:
+    shards = []
+    for i, s in enumerate(items):
+        where = f"manifest {key[:-1].replace('_', ' ')} #{i}"
+        if not isinstance(s, dict):
+            raise SchemaError(f"{where}: must be an object, got {type(s).__name__}")
+        source = s.get("source", "")
+        if not isinstance(source, str):
+            raise SchemaError(f"{where}: field 'source' has type {type(source).__name__}")
+        shards.append(
+            ShardInfo(
+                name=_require(s, "name", str, where),
+                path=_require(s, "path", str, where),
+                num_samples=_require(s, "num_samples", int, where),
+                sha256=_require(s, "sha256", str, where),
+                size_bytes=_require(s, "size_bytes", int, where),
+                source=source,
+            )
+        )
+    return shards
+
+
+def _splits(d: dict) -> dict[str, SplitTotals]:
+    out: dict[str, SplitTotals] = {}
+    if "splits" not in d:  # written before the validation split
+        return out
+    for split, t in _require(d, "splits", dict, "manifest").items():
+        where = f"manifest splits[{split!r}]"
+        if split not in SPLITS:
+            raise SchemaError(f"{where}: unknown split; this reader knows {', '.join(SPLITS)}")
+        if not isinstance(t, dict):
+            raise SchemaError(f"{where}: must be an object, got {type(t).__name__}")
+        out[split] = SplitTotals(
+            num_samples=_require(t, "num_samples", int, where),
+            num_shards=_require(t, "num_shards", int, where),
+            **{
+                k: _counts(t, k, where)
+                for k in ("licenses", "sources", "caption_origins", "skipped")
+            },
+        )
+    return out
 
 
 def load_manifest(text: str | bytes) -> Manifest:
@@ -143,21 +239,23 @@ def load_manifest(text: str | bytes) -> Manifest:
         except TypeError as e:
             raise SchemaError(f"{where}: unknown dtype {dtype!r}") from e
         arrays[name] = ArraySpec(name, shape, dtype, a.get("description", ""))
-    shards = []
-    for i, s in enumerate(_require(d, "shards", list, "manifest")):
-        where = f"manifest shard #{i}"
-        shards.append(
-            ShardInfo(
-                name=_require(s, "name", str, where),
-                path=_require(s, "path", str, where),
-                num_samples=_require(s, "num_samples", int, where),
-                sha256=_require(s, "sha256", str, where),
-                size_bytes=_require(s, "size_bytes", int, where),
-            )
-        )
-    names = [s.name for s in shards]
+    shards = _shard_list(_require(d, "shards", list, "manifest"), "shards")
+    # Manifests written before the validation split have no val_shards: the split is absent.
+    val_shards = []
+    if "val_shards" in d:
+        val_shards = _shard_list(_require(d, "val_shards", list, "manifest"), "val_shards")
+    names = [s.name for s in shards + val_shards]
     if len(set(names)) != len(names):
-        raise SchemaError("manifest: duplicate shard names")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise SchemaError(f"manifest: duplicate shard names {dup[:5]} (over shards and val_shards)")
+    splits = _splits(d)
+    for split, t in splits.items():
+        listed = shards if split == TRAIN else val_shards
+        if t.num_samples != sum(s.num_samples for s in listed) or t.num_shards != len(listed):
+            raise SchemaError(
+                f"manifest splits[{split!r}]: {t.num_samples} samples in {t.num_shards} shards, "
+                f"but its shard list holds {sum(s.num_samples for s in listed)} in {len(listed)}"
+            )
     captioning = d.get("captioning")
     val_prompts = d.get("val_prompts")
     return Manifest(
@@ -174,6 +272,9 @@ def load_manifest(text: str | bytes) -> Manifest:
         license_rejected=_counts(d, "license_rejected"),
         caption_origins=_counts(d, "caption_origins"),
         val_prompts=val_prompts if isinstance(val_prompts, dict) else None,
+        val_shards=val_shards,
+        sources=_counts(d, "sources") if "sources" in d else {},
+        splits=splits,
     )
 
 
@@ -186,6 +287,29 @@ def verify_shard_bytes(data: bytes, shard: ShardInfo) -> None:
     """Raise SchemaError unless the shard bytes match the manifest's size and checksum."""
     if len(data) != shard.size_bytes or sha256_bytes(data) != shard.sha256:
         raise SchemaError(f"shard {shard.name}: size or sha256 differs from the manifest")
+
+
+def iter_split_samples(
+    manifest: Manifest, split: str, read: Callable[[ShardInfo], bytes]
+) -> Iterator[dict[str, Any]]:
+    """Samples of every shard of a split, in manifest order, each shard checked in full.
+
+    ``read(shard)`` returns the shard's bytes (e.g. from ``root + "/" + shard.path``). A shard
+    whose size, checksum or sample count differs from the manifest, or a sample that does not
+    match the manifest's arrays, is a SchemaError naming the shard: a validation set must not
+    shrink silently.
+    """
+    for shard in manifest.split_shards(split):
+        data = read(shard)
+        verify_shard_bytes(data, shard)
+        n = 0
+        for sample in iter_shard_samples(data, shard.name, manifest):
+            n += 1
+            yield sample
+        if n != shard.num_samples:
+            raise SchemaError(
+                f"shard {shard.name}: holds {n} samples, the manifest says {shard.num_samples}"
+            )
 
 
 def split_member_name(name: str) -> tuple[str, str]:

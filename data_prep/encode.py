@@ -16,6 +16,7 @@ EPILOG = """examples:
       --text-encoder clip=openai/clip-vit-large-patch14
   python -m data_prep.encode s3://raw/laion-tars s3://out/ds --caption all \
       --num-workers 8 --worker-index 3
+  python -m data_prep.encode ./images ./dataset --val-fraction 0.02
   python -m data_prep.encode merge s3://out/ds
   python -m data_prep.encode ./images ./dataset --benchmark
 """
@@ -41,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--split", default=d.split, help="tfds split")
     a.add_argument("--tfds-data-dir", default=None)
     a.add_argument("--licenses", default=d.licenses, help="allowed canonical ids, or 'any'")
+    a.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="hold out this share of the input's groups (whole shards) as the validation split",
+    )
+    a.add_argument(
+        "--val-input",
+        default=None,
+        help="encode this input (same kind and options as INPUT) as the validation split",
+    )
     a.add_argument(
         "--min-size",
         type=int,
@@ -99,6 +111,12 @@ def settings_from_args(ns: argparse.Namespace) -> EncodeSettings:
     return EncodeSettings(**kwargs)
 
 
+def _val_note(m) -> str:
+    if not m.val_shards:
+        return ""
+    return f", validation split {m.val_num_samples} samples in {len(m.val_shards)} shards"
+
+
 def _warn_skips(m) -> None:
     warning = records.skip_warning(m)
     if warning:
@@ -125,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             except (records.RecordError, records.EmptyDatasetError, storage.StorageError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-        print(f"manifest: {len(m.shards)} shards, {m.num_samples} samples")
+        print(f"manifest: {len(m.shards)} shards, {m.num_samples} samples{_val_note(m)}")
         _warn_skips(m)
         return 0
     ns = build_parser().parse_args(argv)
@@ -154,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.images} items in {result.seconds:.1f} s "
         f"({result.images / max(result.seconds, 1e-9):.2f} images/s)"
         + (f"; manifest: {m.num_samples} samples in {len(m.shards)} shards" if m else "")
+        + (_val_note(m) if m else "")
     )
     if m:
         _warn_skips(m)

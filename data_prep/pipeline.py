@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from at1_io import schema, storage
 from at1_io.constants import PIXEL
-from data_prep import model_refs, records, sources, val_prompts, workers
+from data_prep import model_refs, records, sources, splits, val_prompts, workers
 from data_prep.models import Models
-from data_prep.settings import EncodeSettings, parse_spec
+from data_prep.settings import ADDED_DEFAULTS, EncodeSettings, parse_spec
 from data_prep.shard_job import ChunkCounts, ChunkEncoder
 from data_prep.workdir import remove_output_temps, work_dir
 
@@ -36,14 +36,9 @@ class RunResult:
     manifest: schema.Manifest | None
 
 
-def preflight(s: EncodeSettings):
-    """Every check that can fail before work starts: settings, endpoints, input, prompts."""
-    s.validate()
-    for url in (s.input, s.output, s.val_prompts or ""):
-        if storage.is_s3(url):
-            storage.check_s3_reachable(url)
-    source = sources.open_source(
-        s.input,
+def _open(s: EncodeSettings, url: str):
+    return sources.open_source(
+        url,
         s.input_format,
         s.shard_size,
         s.image_column,
@@ -51,8 +46,38 @@ def preflight(s: EncodeSettings):
         s.split,
         s.tfds_data_dir,
     )
+
+
+def open_split_source(s: EncodeSettings) -> splits.SplitSource:
+    """The input and the validation input as one group space, with the held-out groups.
+
+    An output that recorded its split keeps it: a resumed run holds out the same groups.
+    """
+    train = _open(s, s.input)
+    if s.val_input:
+        try:
+            val = _open(s, s.val_input)
+        except sources.SourceError as e:
+            raise sources.SourceError(f"--val-input: {e}") from e
+        return splits.SplitSource(train, val)
+    run_url = storage.join(s.output, records.RUN_FILE)
+    recorded = records.read_run(s.output).get("val_groups") if storage.exists(run_url) else None
+    if recorded is None:
+        recorded = splits.held_out_groups(train.num_groups(), s.val_fraction, s.seed)
+    return splits.SplitSource(train, val_groups=recorded)
+
+
+def preflight(s: EncodeSettings) -> splits.SplitSource:
+    """Every check that can fail before work starts: settings, endpoints, input, prompts."""
+    s.validate()
+    for url in (s.input, s.val_input or "", s.output, s.val_prompts or ""):
+        if storage.is_s3(url):
+            storage.check_s3_reachable(url)
+    source = open_split_source(s)
     val_prompts.load_prompts(s.val_prompts)
-    check_output(s.output, s.input)
+    for url in (s.input, s.val_input):
+        if url:
+            check_output(s.output, url)
     check_run(s, source)
     check_model_refs(s)
     return source
@@ -77,7 +102,9 @@ def check_output(output: str, input_url: str) -> None:
     inp = os.path.realpath(input_url)
     if not storage.is_s3(input_url) and os.path.isdir(inp):
         if out == inp:
-            raise OutputError(f"output {output} is the input folder: choose another folder")
+            raise OutputError(
+                f"output {output} is the input folder {input_url}: choose another folder"
+            )
         if out.startswith(inp + os.sep):
             raise OutputError(
                 f"output {output} is inside the input folder {input_url}: a rerun would read "
@@ -95,7 +122,7 @@ def check_model_refs(s: EncodeSettings) -> None:
         model_refs.check_ref(f"--captioner {s.captioner}", s.captioner)
 
 
-def check_run(s: EncodeSettings, source) -> None:
+def check_run(s: EncodeSettings, source: splits.SplitSource) -> None:
     """Refuse to continue an output started with other content settings or input groups."""
     if not check_settings(s.output, s.content_settings()):
         return
@@ -103,6 +130,8 @@ def check_run(s: EncodeSettings, source) -> None:
     now = source.num_groups()
     if now != before:
         unit = "input tars" if source.kind == "tars" else f"groups of --shard-size {s.shard_size}"
+        if source.val is not None:
+            unit += f" ({source.num_train_groups} of the input, the rest of --val-input)"
         raise SettingsMismatch(
             f"the input of {s.output} changed since its run started: {now} {unit} now, "
             f"{before} when it started (items added or removed). Restore the input, or encode "
@@ -110,14 +139,15 @@ def check_run(s: EncodeSettings, source) -> None:
         )
 
 
-def _run_info(s: EncodeSettings, models: Models, num_groups: int) -> dict:
+def _run_info(s: EncodeSettings, models: Models, source: splits.SplitSource) -> dict:
     arrays = {
         k: {**dataclasses.asdict(v), "shape": list(v.shape)} for k, v in models.arrays.items()
     }
     return {
         "settings": s.content_settings(),
         "arrays": arrays,
-        "num_groups": num_groups,
+        "num_groups": source.num_groups(),
+        "val_groups": source.val_groups,
         "val_prompts": {"path": schema.VAL_PROMPTS_PATH},
         **models.info(),
     }
@@ -127,7 +157,7 @@ def check_settings(root: str, settings: dict) -> bool:
     """False for a fresh output; SettingsMismatch if it was started with other settings."""
     if not storage.exists(storage.join(root, records.RUN_FILE)):
         return False
-    old = records.read_run(root)["settings"]
+    old = {**ADDED_DEFAULTS, **records.read_run(root)["settings"]}
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise SettingsMismatch(
@@ -176,8 +206,15 @@ def _write_val_prompts(root: str, s: EncodeSettings, models: Models, tmp: str) -
 
 
 def _publish_shard(
-    root: str, name: str, samples: list[dict], counts: ChunkCounts, fingerprint: str, tmp: str
+    root: str,
+    name: str,
+    samples: list[dict],
+    counts: ChunkCounts,
+    group: tuple[str, str, str],
+    tmp: str,
 ) -> None:
+    """Publish a shard's tar, then its record; ``group`` is (fingerprint, split, origin)."""
+    fingerprint, split, origin = group
     path, sha, size = None, "", 0
     if samples:
         local = os.path.join(tmp, f"{name}.tar")
@@ -185,11 +222,11 @@ def _publish_shard(
             schema.write_shard(f, samples)
         with open(local, "rb") as f:
             data = f.read()
-        sha, size, path = schema.sha256_bytes(data), len(data), records.shard_path(name)
+        sha, size, path = schema.sha256_bytes(data), len(data), records.shard_path(name, split)
         storage.put_file(local, storage.join(root, path))  # the tar first, then its record
         os.remove(local)
     else:  # a changed input may have left a tar of this name that no record will name
-        storage.remove(storage.join(root, records.shard_path(name)))
+        storage.remove(storage.join(root, records.shard_path(name, split)))
     rec = records.ShardRecord(
         name,
         path,
@@ -201,6 +238,7 @@ def _publish_shard(
             for k in ("skipped", "repaired", "licenses", "license_rejected", "caption_origins")
         },
         fingerprint=fingerprint,
+        source=origin,
     )
     records.put_json(dataclasses.asdict(rec), storage.join(root, records.record_path(name)), tmp)
 
@@ -244,7 +282,7 @@ def run(s: EncodeSettings) -> RunResult:
     models = Models(s)
     written, n_images = [], 0
     with work_dir() as tmp, ThreadPoolExecutor(s.decode_threads) as pool:
-        _check_or_write_run(s.output, _run_info(s, models, source.num_groups()), tmp)
+        _check_or_write_run(s.output, _run_info(s, models, source), tmp)
         if worker_index == 0:
             _write_val_prompts(s.output, s, models, tmp)
         encoder = ChunkEncoder(s, models, pool)
@@ -254,16 +292,18 @@ def run(s: EncodeSettings) -> RunResult:
         start = time.perf_counter()  # the shard loop only: what --benchmark compares
         for g in todo:
             chunk, items, fp = 0, [], fingerprints[g]
+            split = source.split_of(g)
+            group = (fp, split, source.origin(g))
 
-            def flush(chunk: int, items: list, g: int = g, fp: str = fp) -> None:
+            def flush(chunk: int, items: list, g: int = g, group: tuple = group) -> None:
                 nonlocal n_images
                 name = records.shard_name(g, chunk)
                 rec = records.read_record(storage.join(s.output, records.record_path(name)))
-                if rec is not None and rec.get("fingerprint") == fp:
+                if rec is not None and rec.get("fingerprint") == group[0]:
                     resumed.append(name)
                     return
                 samples, counts = encoder.encode(items, g, chunk, name.replace("-", "_"))
-                _publish_shard(s.output, name, samples, counts, fp, tmp)
+                _publish_shard(s.output, name, samples, counts, group, tmp)
                 written.append(name)
                 n_images += len(items)
 
@@ -276,7 +316,7 @@ def run(s: EncodeSettings) -> RunResult:
             if items or chunk == 0:
                 flush(chunk, items)
                 chunk += 1
-            for url in records.remove_stale_chunks(s.output, g, chunk):
+            for url in records.remove_stale_chunks(s.output, g, chunk, split):
                 log.info("removed %s: the changed input has fewer chunks in group %d", url, g)
             done_rec = {"group": g, "chunks": chunk, "fingerprint": fp}
             records.put_json(done_rec, storage.join(s.output, records.group_done_path(g)), tmp)

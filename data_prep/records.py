@@ -1,8 +1,9 @@
 """Per-shard completion records and the merge step that turns them into manifest.json.
 
-Layout under the output root: ``shards/{name}.tar``, ``parts/{name}.json`` (one record per
-finished shard, written after its tar), ``parts/group-{g}.done.json`` (written after a
-group's last shard), ``parts/run.json`` (settings shared by all workers), ``manifest.json``.
+Layout under the output root: ``shards/{name}.tar`` (training split), ``val/{name}.tar``
+(validation split), ``parts/{name}.json`` (one record per finished shard, written after its
+tar), ``parts/group-{g}.done.json`` (written after a group's last shard), ``parts/run.json``
+(settings and held-out groups shared by all workers), ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ def shard_name(group: int, chunk: int) -> str:
     return f"{group:05d}-{chunk:04d}"
 
 
-def shard_path(name: str) -> str:
-    """Shard tar path relative to the output root."""
-    return f"{schema.SHARD_DIR}/{name}.tar"
+SPLIT_DIRS = {schema.TRAIN: schema.SHARD_DIR, schema.VAL: schema.VAL_SHARD_DIR}
+
+
+def shard_path(name: str, split: str = schema.TRAIN) -> str:
+    """Shard tar path relative to the output root: ``shards/`` or, for validation, ``val/``."""
+    return f"{SPLIT_DIRS[split]}/{name}.tar"
 
 
 def record_path(name: str) -> str:
@@ -55,6 +59,7 @@ class ShardRecord:
     license_rejected: dict[str, int]
     caption_origins: dict[str, int]
     fingerprint: str = ""  # of the input group it was encoded from (sources.digest)
+    source: str = ""  # the input it was encoded from (sources' origin); "" in older records
 
 
 class RecordError(RuntimeError):
@@ -137,10 +142,10 @@ def read_group_records(root: str, groups: list[int]) -> dict[int, dict]:
     return out
 
 
-def remove_stale_chunks(root: str, group: int, chunks: int) -> list[str]:
+def remove_stale_chunks(root: str, group: int, chunks: int, split: str = schema.TRAIN) -> list[str]:
     """Delete tars and records of chunks >= ``chunks`` of a group (left by an earlier input)."""
     stale = []
-    for folder, ext in ((schema.SHARD_DIR, ".tar"), ("parts", ".json")):
+    for folder, ext in ((SPLIT_DIRS[split], ".tar"), ("parts", ".json")):
         for url in storage.list_files(storage.join(root, folder), f"{group:05d}-*{ext}"):
             name = posixpath.basename(url).removesuffix(ext)
             if int(name.split("-")[1]) >= chunks:
@@ -194,15 +199,19 @@ def skip_advice(skipped: dict[str, int], settings: dict[str, Any]) -> str:
 def skip_warning(manifest: schema.Manifest) -> str | None:
     """A warning line when a run skipped more input items than it kept, else None."""
     items = sum(n for r, n in manifest.skipped.items() if r not in TAR_REASONS)
-    if items <= manifest.num_samples:
+    kept = manifest.num_samples + manifest.val_num_samples
+    if items <= kept:
         return None
-    summary = skip_summary(manifest.skipped, manifest.num_samples)
+    summary = skip_summary(manifest.skipped, kept)
     return f"warning: {summary}; {skip_advice(manifest.skipped, manifest.settings)}"
 
 
-def merge(root: str, tmp_dir: str) -> schema.Manifest:
-    """manifest.json from all records; IncompleteError if unfinished, EmptyDatasetError if empty."""
-    run = read_run(root)
+COUNTS = ("skipped", "repaired", "licenses", "license_rejected", "caption_origins")
+SPLIT_COUNTS = ("licenses", "sources", "caption_origins", "skipped")
+
+
+def _read_records(root: str, run: dict) -> list[ShardRecord]:
+    """Every shard record of a finished run, in group and chunk order."""
     groups = range(run["num_groups"])
     done = read_group_records(root, list(groups))
     missing = [g for g in groups if g not in done]
@@ -211,10 +220,8 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
             f"{len(missing)} of {len(groups)} input groups not finished (first: {missing[:5]})"
         )
     names = [shard_name(g, c) for g in groups for c in range(done[g]["chunks"])]
-    totals = {k: Counter() for k in ("skipped", "repaired", "licenses", "license_rejected")}
-    totals["caption_origins"] = Counter()
-    shards = []
     urls = [storage.join(root, record_path(name)) for name in names]
+    out = []
     for name, url, data in zip(names, urls, storage.read_many(urls), strict=True):
         try:
             rec = ShardRecord(**json.loads(data))
@@ -229,31 +236,75 @@ def merge(root: str, tmp_dir: str) -> schema.Manifest:
                 f"shard {name} was encoded from other input than group {group} now records "
                 "(the input changed while workers ran): rerun the encoder to redo the group"
             )
-        for k, c in totals.items():
-            c.update(getattr(rec, k))
-        if rec.num_samples > 0:
-            shards.append(
-                schema.ShardInfo(rec.name, rec.path, rec.num_samples, rec.sha256, rec.size_bytes)
+        out.append(rec)
+    return out
+
+
+def _split_totals(recs: list[ShardRecord]) -> schema.SplitTotals:
+    counts = {k: Counter() for k in SPLIT_COUNTS}
+    for rec in recs:
+        for k in ("licenses", "caption_origins", "skipped"):
+            counts[k].update(getattr(rec, k))
+        if rec.source and rec.num_samples:  # records of older runs name no source: unknown
+            counts["sources"][rec.source] += rec.num_samples
+    kept = [r for r in recs if r.num_samples > 0]
+    return schema.SplitTotals(
+        num_samples=sum(r.num_samples for r in kept),
+        num_shards=len(kept),
+        **{k: dict(sorted(c.items())) for k, c in counts.items()},
+    )
+
+
+def merge(root: str, tmp_dir: str) -> schema.Manifest:
+    """manifest.json from all records; IncompleteError if unfinished, EmptyDatasetError if empty."""
+    run = read_run(root)
+    val_groups = set(run.get("val_groups") or [])  # absent in runs started before the split
+    by_split: dict[str, list[ShardRecord]] = {schema.TRAIN: [], schema.VAL: []}
+    for rec in _read_records(root, run):
+        split = schema.VAL if int(rec.name.split("-")[0]) in val_groups else schema.TRAIN
+        by_split[split].append(rec)
+    totals = {split: _split_totals(recs) for split, recs in by_split.items()}
+    checks = [(schema.TRAIN, "no training sample kept" if val_groups else "no sample kept")]
+    checks += [(schema.VAL, "no validation sample kept")] if val_groups else []
+    for split, what in checks:
+        if not totals[split].num_samples:
+            skipped = totals[split].skipped
+            raise EmptyDatasetError(
+                f"{what}: {skip_summary(skipped, 0)}; {skip_advice(skipped, run['settings'])}. "
+                f"The settings of {root} are fixed: rerun into a new output folder"
             )
-    if not shards:
-        skipped = dict(totals["skipped"])
-        raise EmptyDatasetError(
-            f"no sample kept: {skip_summary(skipped, 0)}; {skip_advice(skipped, run['settings'])}. "
-            f"The settings of {root} are fixed: rerun into a new output folder"
-        )
+    all_recs = by_split[schema.TRAIN] + by_split[schema.VAL]
+    overall = {k: Counter() for k in COUNTS}
+    for rec in all_recs:
+        for k, c in overall.items():
+            c.update(getattr(rec, k))
+    sources = Counter()
+    for t in totals.values():
+        sources.update(t.sources)
+
+    def shard_infos(recs: list[ShardRecord]) -> list[schema.ShardInfo]:
+        return [
+            schema.ShardInfo(r.name, r.path, r.num_samples, r.sha256, r.size_bytes, r.source)
+            for r in recs
+            if r.num_samples > 0
+        ]
+
     manifest = schema.Manifest(
         schema_version=schema.SCHEMA_VERSION,
         arrays={
             k: schema.ArraySpec(k, tuple(v["shape"]), v["dtype"], v.get("description", ""))
             for k, v in run["arrays"].items()
         },
-        shards=shards,
+        shards=shard_infos(by_split[schema.TRAIN]),
         autoencoder=run["autoencoder"],
         text_encoders=run["text_encoders"],
         captioning=run["captioning"],
         settings=run["settings"],
         val_prompts=run.get("val_prompts"),
-        **{k: dict(sorted(c.items())) for k, c in totals.items()},
+        val_shards=shard_infos(by_split[schema.VAL]),
+        sources=dict(sorted(sources.items())),
+        splits={k: t for k, t in totals.items() if k == schema.TRAIN or val_groups},
+        **{k: dict(sorted(c.items())) for k, c in overall.items()},
     )
     text = schema.dump_manifest(manifest)
     schema.load_manifest(text)  # never publish a manifest our own reader rejects

@@ -40,6 +40,10 @@ def parse_spec(value: str) -> TextEncoderSpec:
     return TextEncoderSpec(name, kind, model)
 
 
+# Content settings added after outputs were first written, with the value an output written
+# before them had: resuming such an output with these values is no settings change.
+ADDED_DEFAULTS = {"val_fraction": 0.0, "val_input": None}
+
 # Settings that only change how fast or where a run goes, not what it writes.
 RUNTIME_ONLY = (
     "output",
@@ -83,6 +87,8 @@ class EncodeSettings:
     caption_batch_size: int = 8
     licenses: str = ",".join(DEFAULT_ALLOWED)
     val_prompts: str | None = None
+    val_fraction: float = 0.0
+    val_input: str | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -107,6 +113,20 @@ class EncodeSettings:
         if self.batch_size < 1 or self.caption_batch_size < 1 or self.decode_threads < 1:
             raise ValueError("batch sizes and --decode-threads must be positive")
         parse_allowed(self.licenses)
+        if not 0 <= self.val_fraction < 1:  # NaN fails too
+            raise ValueError(
+                f"--val-fraction {self.val_fraction}: must be at least 0 and below 1 "
+                "(the share of input groups held out for validation)"
+            )
+        if self.val_fraction and self.val_input:
+            raise ValueError(
+                "--val-fraction and --val-input both choose the validation split: give one"
+            )
+        if self.val_input is not None and self.val_input.rstrip("/") == self.input.rstrip("/"):
+            raise ValueError(
+                f"--val-input {self.val_input} is the input itself: validation images must not "
+                "be trained on; give another input, or hold out part of it with --val-fraction"
+            )
         specs = [parse_spec(s) for s in self.text_encoders]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -2,7 +2,8 @@
 
 Each source splits its items into deterministic *groups*; a worker processes whole groups
 and each group becomes one or more output shards. Flat sources (folder, table, tfds) use
-groups of ``shard_size`` items; tar sources use one group per input tar.
+groups of ``shard_size`` items; tar sources use one group per input tar. ``origin(g)`` names
+the input a group comes from (the data set root, or the input tar), for provenance counts.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def input_label(url: str) -> str:
+    """An input as provenance names it: s3:// URLs as given, local paths made absolute."""
+    return url.rstrip("/") if storage.is_s3(url) else os.path.abspath(url)
+
+
 def _read_optional(fs, path: str) -> bytes | None:
     try:
         with fs.open(path, "rb") as f:
@@ -131,6 +137,7 @@ class FolderSource:
             raise SourceError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
         self.files, self.shard_size = files, shard_size
         self.sizes = {p: info.get("size") for p, info in listing.items()}
+        self.label = input_label(root)
 
     def num_groups(self) -> int:
         """Number of groups."""
@@ -139,6 +146,10 @@ class FolderSource:
     def group_size(self, g: int) -> int | None:
         """Items in group g (None if unknown before reading)."""
         return len(self.files[g * self.shard_size : (g + 1) * self.shard_size])
+
+    def origin(self, g: int) -> str:
+        """The input folder."""
+        return self.label
 
     def fingerprint(self, g: int) -> str:
         """Digest of group g's file names and sizes (images and their sidecars)."""
@@ -197,6 +208,7 @@ class TarSource:
             raise SourceError(f"no .tar files at {url}")
         self.fs, self.tars = fs, tars
         self.sizes = {p: listing[p].get("size") for p in tars}
+        self.prefix = "s3://" if storage.is_s3(url) else ""
 
     def num_groups(self) -> int:
         """One group per input tar."""
@@ -205,6 +217,10 @@ class TarSource:
     def group_size(self, g: int) -> int | None:
         """Unknown until the tar is read."""
         return None
+
+    def origin(self, g: int) -> str:
+        """Input tar g."""
+        return self.prefix + self.tars[g]
 
     def fingerprint(self, g: int) -> str:
         """Digest of tar g's name and size."""
@@ -310,7 +326,7 @@ class TableSource:
             raise SourceError(
                 f"table {url} has no image column (tried {image_column or IMAGE_COLUMNS})"
             )
-        self.caption_column = caption_column
+        self.caption_column, self.label = caption_column, input_label(url)
         self.fs, self.base, self.rows, self.shard_size = (
             fs,
             posixpath.dirname(path),
@@ -325,6 +341,10 @@ class TableSource:
     def group_size(self, g: int) -> int | None:
         """Items in group g."""
         return len(self.rows[g * self.shard_size : (g + 1) * self.shard_size])
+
+    def origin(self, g: int) -> str:
+        """The input table."""
+        return self.label
 
     def fingerprint(self, g: int) -> str:
         """Digest of group g's rows."""
@@ -379,6 +399,10 @@ class TfdsSource:
     def group_size(self, g: int) -> int | None:
         """Items in group g."""
         return min(self.shard_size, len(self.ds) - g * self.shard_size)
+
+    def origin(self, g: int) -> str:
+        """The tfds data set and split."""
+        return f"tfds:{self.name} split {self.split}"
 
     def fingerprint(self, g: int) -> str:
         """Digest of the dataset, split, length and group g's index range."""

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from at1_io import storage
+from at1_io import schema, storage
 
 log = logging.getLogger(__name__)
 PREFIX = "data_prep-"
@@ -74,7 +74,8 @@ def remove_output_temps(root: str, groups: list[int]) -> list[str]:
     # Other workers' groups are left to them: their temp files may be in flight.
     mine, removed = set(groups), []
     now = time.time()
-    for folder in (root, os.path.join(root, "parts"), os.path.join(root, "shards")):
+    for sub in ("", "parts", schema.SHARD_DIR, schema.VAL_SHARD_DIR):
+        folder = os.path.join(root, sub)
         if not os.path.isdir(folder):
             continue
         for entry in os.scandir(folder):
