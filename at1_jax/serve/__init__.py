@@ -1,0 +1,1 @@
+"""Serving: the generation page and `POST /generate` over the sample pipeline, batched."""
