@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[data,s3,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[data,s3,dev,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +22,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m at1_demo
 
 test: $(STAMP)
+	bash scripts/install_browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
