@@ -52,6 +52,8 @@ def test_img2dataset_tars_with_a_truncated_one(tiny_models, tmp_path):
     ]  # fmt: skip
     assert m.skipped == {"partial_sample": 1, "truncated_input_tar": 1}  # sample 4 is counted
     assert m.licenses == {"cc-by-sa": 4}
+    assert m.sources == {str(inp / "00000.tar"): 3, str(inp / "00001.tar"): 1}
+    assert [s.source for s in m.shards] == [str(inp / "00000.tar")] * 2 + [str(inp / "00001.tar")]
     assert samples[1]["caption"] == "a photo of a dog 1"
     assert samples[1]["json"]["url"] == "http://img/1"
     assert samples[1]["json"]["source_meta"]["key"] == "000000001"
@@ -137,6 +139,7 @@ def test_table_input(tiny_models, tmp_path, fmt):
     pipeline.run(settings(tiny_models, table, tmp_path / "out", vae="pixel", shard_size=10))
     m, samples = read_dataset(tmp_path / "out")
     assert m.skipped == {"missing_image_file": 1} and m.licenses == {"cc0": 3}
+    assert m.sources == {str(table): 3}
     assert [s["caption"] for s in samples] == ["tree 0", "tree 1", "tree 2"]
     assert samples[0]["json"]["url"] == "u0" and samples[0]["json"]["license_raw"] == "9"
     np.testing.assert_allclose(samples[1]["latent_mean"], reference_crop(arrays[1]), atol=1e-3)
@@ -159,6 +162,7 @@ def test_tfds_data_source(tiny_models, tmp_path):
         pipeline.run(s)
     m, samples = read_dataset(tmp_path / "out")
     assert m.num_samples == 3 and m.licenses == {"unknown": 3}
+    assert m.sources == {"tfds:beans split train": 3}
     assert samples[0]["json"]["source"] == "beans[0]"
     assert samples[0]["caption"] == str(label)
     np.testing.assert_allclose(samples[0]["latent_mean"], reference_crop(first), atol=1e-3)

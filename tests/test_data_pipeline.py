@@ -435,8 +435,9 @@ def test_kill_9_leaves_no_temp_files_and_resumes_exactly(tiny_models, tmp_path, 
     import time
 
     write_image_folder(tmp_path / "in", 5)
-    args = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "out"), "--shard-size", "2"]
-    clean = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "clean"), "--shard-size", "2"]
+    split = ["--shard-size", "2", "--val-fraction", "0.34"]  # groups 0, 1 train; 2 validation
+    args = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "out"), *split]
+    clean = [*_cli_args(tiny_models, tmp_path / "in", tmp_path / "clean"), *split]
     scratch, marker = tmp_path / "tmp", tmp_path / "copying"
     scratch.mkdir()
     # A live run's work folder must survive the cleanup: this one is held by a sleeping process.
@@ -477,11 +478,14 @@ def test_kill_9_leaves_no_temp_files_and_resumes_exactly(tiny_models, tmp_path, 
         for p in (proc, live):
             p.kill()
             p.wait()
-    shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
-    assert shards == {p.name: p.read_bytes() for p in (tmp_path / "clean" / "shards").iterdir()}
+    for folder in ("shards", "val"):
+        shards = {p.name: p.read_bytes() for p in (out / folder).iterdir()}
+        assert shards == {p.name: p.read_bytes() for p in (tmp_path / "clean" / folder).iterdir()}
     manifest = json.loads((out / "manifest.json").read_text())
     want = json.loads((tmp_path / "clean" / "manifest.json").read_text())
-    assert manifest["shards"] == want["shards"] and manifest["num_samples"] == 5
+    assert manifest["shards"] == want["shards"] and manifest["val_shards"] == want["val_shards"]
+    assert [v["name"] for v in manifest["val_shards"]] == ["00002-0000"]
+    assert (manifest["num_samples"], manifest["val_num_samples"]) == (4, 1)
 
 
 def test_output_location_errors_come_before_the_models(tiny_models, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """The pure-numpy shard format: round trips, validation errors, no torch, webdataset compat."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -139,6 +140,90 @@ def test_manifest_round_trip_and_errors():
         schema.load_manifest(json.dumps(d))
     with pytest.raises(schema.SchemaError, match="not valid JSON"):
         schema.load_manifest("{")
+
+
+def _split_manifest(tmp_path):
+    """A manifest with two training shards and one validation shard written to tmp_path."""
+    infos = {}
+    for split, name, keys in (
+        (schema.TRAIN, "00000-0000", ["a_0", "a_1"]),
+        (schema.TRAIN, "00001-0000", ["b_0"]),
+        (schema.VAL, "00002-0000", ["c_0", "c_1"]),
+    ):
+        folder = schema.SHARD_DIR if split == schema.TRAIN else schema.VAL_SHARD_DIR
+        data = _tar([_sample(k, i) for i, k in enumerate(keys)])
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"{name}.tar").write_bytes(data)
+        info = schema.ShardInfo(
+            name, f"{folder}/{name}.tar", len(keys), schema.sha256_bytes(data), len(data), "/in"
+        )
+        infos.setdefault(split, []).append(info)
+    totals = {
+        schema.TRAIN: schema.SplitTotals(3, 2, {"cc-by": 3}, {"/in": 3}, {"original": 3}, {}),
+        schema.VAL: schema.SplitTotals(2, 1, {"cc-by": 2}, {"/in": 2}, {"original": 2}, {}),
+    }
+    d = _manifest_dict()
+    m = schema.load_manifest(json.dumps({**d, "licenses": {"cc-by": 5}, "sources": {"/in": 5}}))
+    m.shards, m.val_shards, m.splits = infos[schema.TRAIN], infos[schema.VAL], totals
+    return m
+
+
+def test_split_manifest_round_trip_and_reader(tmp_path):
+    m = _split_manifest(tmp_path)
+    d = json.loads(schema.dump_manifest(m))
+    assert (d["num_samples"], d["val_num_samples"]) == (3, 2)
+    assert d["val_shards"][0]["path"] == "val/00002-0000.tar" and d["val_shards"][0]["source"]
+    assert schema.load_manifest(json.dumps(d)) == m
+    assert m.split_shards(schema.VAL) == m.val_shards and m.totals(schema.VAL).num_samples == 2
+
+    def read(shard):
+        return (tmp_path / shard.path).read_bytes()
+
+    val = list(schema.iter_split_samples(m, schema.VAL, read))
+    assert [v["__key__"] for v in val] == ["c_0", "c_1"]
+    np.testing.assert_array_equal(val[1]["latent_mean"], _sample("c_1", 1)["latent_mean"])
+    train = [t["__key__"] for t in schema.iter_split_samples(m, schema.TRAIN, read)]
+    assert train == ["a_0", "a_1", "b_0"]
+    with pytest.raises(schema.SchemaError, match="unknown split 'test': use one of train, val"):
+        m.split_shards("test")
+
+    # A validation shard changed on disk, or one the manifest miscounts, stops the reader.
+    (tmp_path / "val" / "00002-0000.tar").write_bytes(_tar([_sample("c_0", 9), _sample("c_1")]))
+    with pytest.raises(schema.SchemaError, match="shard 00002-0000: size or sha256 differs"):
+        list(schema.iter_split_samples(m, schema.VAL, read))
+    data = _tar([_sample("c_0")])
+    (tmp_path / "val" / "00002-0000.tar").write_bytes(data)
+    checksum = dict(sha256=schema.sha256_bytes(data), size_bytes=len(data))
+    m.val_shards = [dataclasses.replace(m.val_shards[0], **checksum)]
+    with pytest.raises(schema.SchemaError, match="holds 1 samples, the manifest says 2"):
+        list(schema.iter_split_samples(m, schema.VAL, read))
+
+
+def test_split_manifest_errors_name_the_field(tmp_path):
+    d = json.loads(schema.dump_manifest(_split_manifest(tmp_path)))
+    bad = json.loads(json.dumps(d))
+    bad["splits"]["val"]["num_samples"] = 3
+    with pytest.raises(
+        schema.SchemaError,
+        match=r"splits\['val'\]: 3 samples in 1 shards, but its shard list holds 2 in 1",
+    ):
+        schema.load_manifest(json.dumps(bad))
+    bad = json.loads(json.dumps(d))
+    bad["val_shards"][0]["name"] = "00000-0000"
+    with pytest.raises(schema.SchemaError, match=r"duplicate shard names \['00000-0000'\]"):
+        schema.load_manifest(json.dumps(bad))
+    bad = json.loads(json.dumps(d))
+    bad["splits"]["test"] = bad["splits"]["val"]
+    with pytest.raises(schema.SchemaError, match=r"splits\['test'\]: unknown split"):
+        schema.load_manifest(json.dumps(bad))
+    bad = json.loads(json.dumps(d))
+    del bad["val_shards"][0]["sha256"]
+    with pytest.raises(schema.SchemaError, match="val shard #0: missing field 'sha256'"):
+        schema.load_manifest(json.dumps(bad))
+    bad = json.loads(json.dumps(d))
+    bad["splits"]["train"]["sources"] = {"/in": "3"}
+    with pytest.raises(schema.SchemaError, match=r"'sources' must map names to integer counts"):
+        schema.load_manifest(json.dumps(bad))
 
 
 def test_verify_shard_bytes():
