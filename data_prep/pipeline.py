@@ -73,6 +73,7 @@ def preflight(s: EncodeSettings) -> splits.SplitSource:
     for url in (s.input, s.val_input or "", s.output, s.val_prompts or ""):
         if storage.is_s3(url):
             storage.check_s3_reachable(url)
+    check_val_input(s.input, s.val_input)
     source = open_split_source(s)
     val_prompts.load_prompts(s.val_prompts)
     for url in (s.input, s.val_input):
@@ -110,6 +111,23 @@ def check_output(output: str, input_url: str) -> None:
                 f"output {output} is inside the input folder {input_url}: a rerun would read "
                 "its shards as input; choose a folder outside it"
             )
+
+
+def check_val_input(input_url: str, val_input: str | None) -> None:
+    """The validation input must not be, hold or lie inside the input: no image in both."""
+    if not val_input:
+        return
+
+    def norm(url: str) -> str:
+        return url.rstrip("/") if storage.is_s3(url) else os.path.realpath(url)
+
+    a, b = norm(input_url), norm(val_input)
+    if a == b or b.startswith(a + "/") or a.startswith(b + "/"):
+        raise ValueError(
+            f"--val-input {val_input} overlaps the input {input_url} (one holds the other): its "
+            "images would be trained on too; give an input apart from it, or hold out part of "
+            "the input with --val-fraction"
+        )
 
 
 def check_model_refs(s: EncodeSettings) -> None:

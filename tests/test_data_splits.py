@@ -221,6 +221,8 @@ def test_val_input_is_encoded_as_the_split(tiny_models, tmp_path, capsys, monkey
     cases = [
         (["--val-input", str(val_in), "--val-fraction", "0.1"], "give one"),
         (["--val-input", str(inp) + "/"], "is the input itself"),
+        (["--val-input", str(inp) + "/../in"], "overlaps the input"),
+        (["--val-input", str(tmp_path)], f"--val-input {tmp_path} overlaps the input {inp}"),
         (["--val-input", str(tmp_path / "nope")], "--val-input: input path not found"),
         (["--val-fraction", "1"], "--val-fraction 1.0: must be at least 0 and below 1"),
         (["--val-fraction", "nan"], "--val-fraction nan: must be at least 0"),
