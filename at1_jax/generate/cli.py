@@ -166,7 +166,11 @@ def main(argv=None) -> int:
         {"file": f"{i:05d}.png", "prompt": prompt, "seed": seed}
         for i, (prompt, seed) in enumerate(zip(all_prompts, seeds, strict=True))
     ]
-    files = [r["file"] for r in records] + ["grid.png"]
+    title = f"{args.checkpoint} · {args.sampler} {args.steps} steps · guidance {args.guidance:g}"
+    captions = [f"{r['prompt']}\nseed {r['seed']} · guidance {args.guidance:g}" for r in records]
+    pages = images.sheet(imgs, captions, title, ncols=min(args.num, 8))
+    sheets = ["grid.png"] + [f"grid-{k}.png" for k in range(2, len(pages) + 1)]
+    files = [r["file"] for r in records] + sheets
     files += ["latents.npy"] if args.decode == "none" else []
     settings = {
         "checkpoint": args.checkpoint,
@@ -188,14 +192,13 @@ def main(argv=None) -> int:
     _write_settings(args.out, settings)
     for i, record in enumerate(records):
         images.save_png(imgs[i], os.path.join(args.out, record["file"]))
-    images.save_png(
-        images.grid(imgs[:64], ncols=min(args.num, 8)), os.path.join(args.out, "grid.png")
-    )
+    images.save_pages(pages, os.path.join(args.out, "grid.png"))  # labelled, never cut
     if args.decode == "none":
         np.save(os.path.join(args.out, "latents.npy"), x0)
     _write_settings(args.out, {**settings, "complete": True})
     print(
-        f"wrote {len(imgs)} images + grid.png + settings.json to {args.out} in {total:.1f} s "
+        f"wrote {len(imgs)} images + {', '.join(sheets)} + settings.json to {args.out} in "
+        f"{total:.1f} s "
         f"(embed {pipe.timing['embed_s']:.1f}, denoise {pipe.timing['denoise_s']:.1f} incl. "
         f"compile, decode {pipe.timing['decode_s']:.1f})"
     )
