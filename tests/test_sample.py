@@ -236,3 +236,12 @@ def test_cli_errors_name_the_missing_files(ckpt, tiny_models, tmp_path, capsys):
     code, err = run("--checkpoint", ckpt, "--text-encoder", "t5=google/t5")
     assert code == 2 and "pooled" in err
     assert not out.exists()  # every error came before any work
+
+
+def test_progress_bar_shows_rate_and_no_progress_silences_it(ckpt, tiny_models, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli.main(_args(ckpt, tiny_models, tmp_path / "p", cache)) == 0
+    err = capsys.readouterr().err
+    assert "sampling: 100%" in err and "4/4" in err and "img/s" in err
+    assert cli.main([*_args(ckpt, tiny_models, tmp_path / "q", cache), "--no-progress"]) == 0
+    assert "sampling" not in capsys.readouterr().err

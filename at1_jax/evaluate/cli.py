@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from at1_io import storage
 from at1_jax import torch_bridge
@@ -154,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=256, help="images generated between metric updates")
     p.add_argument("--save-images", action="store_true", help="also write every generated PNG")
     p.add_argument("--cache-dir", default=sample.DEFAULT_CACHE)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="outputs/evaluate")
     return p
 
@@ -231,13 +233,17 @@ def evaluate(
 
     text_emb = clip.text_embeds(captions) if clip is not None else None
     grid_rows = []
-    for g in _parse_guidance(args.guidance):
+    guidance = _parse_guidance(args.guidance)
+    bar = tqdm(
+        total=len(pairs) * len(guidance), unit="img", desc="generating", disable=args.no_progress
+    )
+    for g in guidance:
         sampler = SamplerConfig(steps=args.steps, guidance=g, sampler=args.sampler)
         stats, clip_vals, t0 = None, [], time.perf_counter()
         for i in range(0, len(pairs), args.chunk):
             idx = range(i, min(i + args.chunk, len(pairs)))
             imgs, _ = pipe.generate(
-                [captions[j] for j in idx], [args.seed + j for j in idx], sampler
+                [captions[j] for j in idx], [args.seed + j for j in idx], sampler, bar.update
             )
             if i == 0:
                 grid_rows.append([])
@@ -258,6 +264,7 @@ def evaluate(
         if clip is not None:
             row["clip_score"] = float(np.concatenate(clip_vals).mean())
         report["rows"].append(row)
+    bar.close()
     report["sampler"] = {"steps": args.steps, "sampler": args.sampler}
     report["timing_s"] = dict(pipe.timing)
     cells = [cell for row in grid_rows for cell in row]

@@ -22,6 +22,7 @@ import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
 from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles
@@ -134,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bright-f", type=float, default=0.0, help="added to latent channel 0")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="text-embedding cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
     all_prompts = [p for p in prompts for _ in range(args.num)]
     seeds = [args.seed + k for _ in prompts for k in range(args.num)]
     t0 = time.perf_counter()
-    imgs, x0 = pipe.generate(all_prompts, seeds, sampler)
+    with tqdm(total=len(seeds), unit="img", desc="sampling", disable=args.no_progress) as bar:
+        imgs, x0 = pipe.generate(all_prompts, seeds, sampler, bar.update)
     total = time.perf_counter() - t0
     records = [
         {"file": f"{i:05d}.png", "prompt": prompt, "seed": seed}

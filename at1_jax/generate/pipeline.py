@@ -159,8 +159,17 @@ class Denoising:
             self._runs[key] = make_sampler(denoise, key, shape)
         return self._runs[key]
 
-    def latents(self, text_ND: np.ndarray, seeds: Sequence[int], sampler: SamplerConfig):
-        """f32[N, C, H, W] x0 for N text vectors; the last batch is padded, not recompiled."""
+    def latents(
+        self,
+        text_ND: np.ndarray,
+        seeds: Sequence[int],
+        sampler: SamplerConfig,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        """f32[N, C, H, W] x0 for N text vectors; the last batch is padded, not recompiled.
+
+        `on_batch(n)` is called after each batch of n images (progress bars).
+        """
         run, b, c = self._run(sampler), self.batch_size, self.cfg
         holder = jnp.zeros((c.latent_channels, c.latent_size, c.latent_size), jnp.float32)
         out = []
@@ -172,6 +181,8 @@ class Denoising:
             s[:n] = np.asarray(seeds[i : i + n], np.int64).astype(np.uint32)
             x0 = run(jnp.asarray(text), _start_noise(jnp.asarray(s), holder), self.state)
             out.append(np.asarray(x0)[:n])
+            if on_batch is not None:
+                on_batch(n)
         return np.concatenate(out)
 
 
@@ -248,12 +259,16 @@ class Pipeline:
         return text
 
     def generate(
-        self, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: SamplerConfig,
+        on_batch: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 NHWC images, f32 x0 latents) for prompts[i] from the noise of seeds[i]."""
         text = self.embed(prompts)
         t0 = time.perf_counter()
-        x0 = self.denoising.latents(text, seeds, sampler)
+        x0 = self.denoising.latents(text, seeds, sampler, on_batch)
         t1 = time.perf_counter()
         if self._decoder is None:
             self._decoder = make_decoder(self.decode_spec, self.batch_size)
