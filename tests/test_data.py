@@ -129,3 +129,26 @@ def test_missing_dataset_says_what_to_do(tmp_path):
 def test_pixel_datasets_are_not_rescaled(tmp_path):
     make_dataset(str(tmp_path), shards=1, per_shard=2, latent_shape=(3, 8, 8), pixel=True)
     assert data.open_dataset(str(tmp_path)).latent_scale == 1.0
+
+
+def test_unreachable_storage_stops_the_stream_instead_of_skipping(
+    tmp_path, s3_env, request, monkeypatch
+):
+    make_dataset(str(tmp_path), shards=2, per_shard=3)
+    client = s3_env.client()
+    for folder, _, files in os.walk(tmp_path):
+        for name in files:
+            path = os.path.join(folder, name)
+            client.upload_file(
+                path, s3_env.bucket, f"{request.node.name}/{path[len(str(tmp_path)) + 1 :]}"
+            )
+    ds = data.open_dataset(s3_env.url(request.node.name))
+    stream = data.ShardStream(ds, 0, 1, seed=0, block=1)
+    assert len(_keys(stream, data.Position(), 6)[0]) == 6  # reachable: every sample
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(data.DataError) as err:
+        next(stream.iterate(data.Position()))
+    assert isinstance(err.value, data.StorageUnavailable)  # exit 1 (rerun), not 2 (bad data)
+    assert f"cannot read shard {s3_env.url(request.node.name)}/shards/" in str(err.value)
+    assert "EndpointConnectionError" in str(err.value) and "No shard was skipped" in str(err.value)
+    assert stream.skipped_shards == {}  # a storage outage is not a bad shard

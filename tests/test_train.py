@@ -1,11 +1,15 @@
 """The training entry point end to end: errors before compiling, exact resume, processes, S3."""
 
+import dataclasses
+import errno
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -15,7 +19,7 @@ from flax import nnx
 
 from at1_io.synthetic import make_dataset
 from at1_jax.checkpointing import checkpoints as checkpoint
-from at1_jax.train import config, sharding
+from at1_jax.train import config, data, sharding
 from at1_jax.train import step as train_step
 from at1_jax.train import trainer as train
 
@@ -122,8 +126,26 @@ def no_compile(monkeypatch):
     "overrides,message",
     [
         (["--config.data.path={missing}"], "manifest.json not found: is data.path a dataset"),
-        (["--config.model.latent_size=16"], "has latents (4, 8, 8) but the model expects"),
-        (["--config.model.text_dim=64"], "is 32-d but config.model.text_dim is 64"),
+        (
+            ["--config.model.latent_size=16"],
+            "--config.model.latent_size=16 (data set: 8) given on the command line does not fit",
+        ),
+        (
+            ["--config.model.text_dim=64", "--config.model.latent_channels=3"],
+            "--config.model.latent_channels=3 (data set: 4), --config.model.text_dim=64 (data "
+            "set: 32) given on the command line does not fit the data set",
+        ),
+        (["--config.model.latent_size=6"], "model.latent_size=6 (data set: 8)"),
+        (["--config.optim.lr=inf"], "config.optim.lr must be a finite number, got inf"),
+        (["--config.optim.clip_norm=nan"], "config.optim.clip_norm must be a finite number"),
+        (["--config.log.wandb=true"], "config.log.wandb=true but wandb is not installed: pip"),
+        (
+            [
+                "--config.distributed.coordinator=127.0.0.1:1",
+                "--config.distributed.num_processes=2",
+            ],
+            "but no process id: set config.distributed.process_id or JAX_PROCESS_ID",
+        ),
         (["--config.data.batch_size=6"], "must be a multiple of the data-parallel size 4"),
         (["--config.data.streams=8", "--config.data.batch_size=4"], "not divisible by the 8 read"),
         (["--config.data.streams=5", "--config.data.batch_size=20"], "4 shards for 5 reading"),
@@ -133,12 +155,37 @@ def no_compile(monkeypatch):
     ],
 )
 def test_bad_configs_and_paths_fail_before_compiling(
-    tmp_path, dataset, no_compile, capsys, overrides, message
+    tmp_path, dataset, no_compile, capsys, monkeypatch, overrides, message
 ):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed, whatever this venv has
     cfg = write_config(tmp_path, "bad", dataset)
     args = [o.format(missing=str(tmp_path / "none")) for o in overrides]
     assert train.main(["--config", cfg, *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_model_sizes_come_from_the_data_set_unless_pinned(tmp_path):
+    make_dataset(str(tmp_path / "ds"), shards=1, per_shard=2, latent_shape=(3, 12, 12), text_dim=24)
+    ds = data.open_dataset(str(tmp_path / "ds"))
+    cfg = config.load_file(write_config(tmp_path, "sizes", str(tmp_path / "ds")))  # 4×8×8, 32
+    fitted = train.fit_to_dataset(cfg, ds)
+    m = fitted.model
+    assert (m.latent_channels, m.latent_size, m.text_dim) == (3, 12, 24)
+    assert fitted.model.architecture() == dataclasses.replace(
+        cfg.model.architecture(), latent_channels=3, latent_size=12, text_dim=24
+    )
+    pinned = train.pinned_sizes(["--config.model.latent-size=12", "--config.model.depth=1"])
+    assert pinned == {"latent_size"}
+    # A pin that agrees is fine; a preset swapped in after a pin replaces it.
+    assert train.fit_to_dataset(dataclasses.replace(cfg, model=m), ds, pinned).model == m
+    assert train.pinned_sizes(["--config.model.text_dim=3", "--config.model=at1"]) == set()
+    with pytest.raises(config.ConfigError, match=r"model.text_dim=32 \(data set: 24\)"):
+        train.fit_to_dataset(cfg, ds, frozenset({"text_dim"}))
+    odd = str(tmp_path / "odd")
+    make_dataset(odd, shards=1, per_shard=2, latent_shape=(4, 7, 7), text_dim=24)
+    with pytest.raises(config.ConfigError, match=r"latents \(4, 7, 7\).*not a multiple of"):
+        train.fit_to_dataset(cfg, data.open_dataset(odd))
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
@@ -170,6 +217,96 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "nan" / "checkpoints") or not os.listdir(
         tmp_path / "nan" / "checkpoints"
     )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the point of the test
+def test_update_that_overflows_the_weights_stops_before_any_checkpoint(tmp_path, dataset, capsys):
+    # lr=1e39 is finite for the config (a Python float) and inf in the float32 update: the
+    # first step's loss and gradient are finite, the weights it would produce are not.
+    cfg = write_config(tmp_path, "overflow", dataset, steps=1, every=1)
+    args = ["--config", cfg, "--config.optim.lr=1e39", "--config.optim.warmup_steps=0"]
+    assert train.main(args) == train.EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert "the update of step 1 made the weights or optimizer state non-finite" in err
+    assert "latest checkpoint: none yet" in err
+    run = tmp_path / "overflow"
+    assert not os.listdir(run / "checkpoints") and not (run / "weights").exists()
+
+
+def test_reruns_never_change_a_run_silently(tmp_path, dataset, capsys, monkeypatch):
+    cfg = write_config(tmp_path, "r", dataset, steps=2, every=1)
+    assert train.main(["--config", cfg]) == 0
+    run = tmp_path / "r"
+    record = (run / "config.json").read_bytes()
+    exported = (run / "weights" / "params.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def boom(*a, **k):
+        raise AssertionError("a rerun that cannot train compiled a step")
+
+    monkeypatch.setattr(train_step, "make_train_step", boom)
+    ck = str(run / "checkpoints")
+    refused = [
+        # Another architecture: what differs and what to do, not orbax's tree dump.
+        (["--config.model.depth=3", "--config.steps=4"], f"cannot resume from step 2 in {ck}"),
+        (["--config.model.depth=3", "--config.steps=4"], "model.depth 2 -> 3"),
+        (["--config.optim.clip_norm=0", "--config.steps=4"], "optim.clip_norm 1.0 -> 0.0"),
+        # A finished run with changed settings trains nothing and says so.
+        (["--config.optim.lr=1e-4"], f"{ck} already holds step 2 and config.steps=2"),
+        (["--config.optim.lr=1e-4"], "optim.lr 0.001 -> 0.0001"),
+        (["--config.steps=1"], "steps 2 -> 1"),
+        # Starting over on top of a run's checkpoints would collide with them at its first save.
+        (["--no-resume"], f"{ck} already holds the checkpoints of a run (steps [1, 2])"),
+    ]
+    for args, message in refused:
+        assert train.main(["--config", cfg, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "new run_dir" in err and "partial_restore" not in err, err
+    # The same command again: nothing to do, nothing rewritten.
+    assert train.main(["--config", cfg]) == 0
+    assert "already finished at step 2: nothing to do" in capsys.readouterr().out
+    # Weights lost (e.g. the export failed): the rerun exports them from the checkpoint.
+    for name in os.listdir(run / "weights"):
+        os.remove(run / "weights" / name)
+    os.rmdir(run / "weights")
+    assert train.main(["--config", cfg]) == 0
+    assert "already finished at step 2; its EMA weights were exported" in capsys.readouterr().out
+    assert (run / "weights" / "params.safetensors").read_bytes() == exported
+    assert json.loads((run / "weights" / "dataset.json").read_text())["step"] == 2
+    assert (run / "config.json").read_bytes() == record
+    assert checkpoint.Checkpoints(ck, read_only=True).steps() == [1, 2]
+
+
+def test_disk_full_at_export_is_one_error_line_and_a_rerun_exports(
+    tmp_path, dataset, capsys, monkeypatch
+):
+    from at1_jax.model import weights
+    from at1_jax.train import reporting
+
+    def full(directory, *a, **k):
+        os.makedirs(directory, exist_ok=True)
+        open(os.path.join(directory, "params.safetensors.tmp"), "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", directory)
+
+    def flush_fails(self):  # TensorBoard flushing into the same full disk while stopping
+        raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")
+
+    monkeypatch.setattr(weights, "save", full)
+    monkeypatch.setattr(reporting.Reporter, "close", flush_fails)
+    cfg = write_config(tmp_path, "full", dataset, steps=2, every=2)
+    assert train.main(["--config", cfg]) == train.EXIT_FAILED
+    err = capsys.readouterr().err
+    run = tmp_path / "full"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"writing the EMA weights of step 2 to {run}/weights failed" in errors[0]
+    assert "No space left on device" in errors[0] and "rerun the same command" in errors[0]
+    assert "closing the logs also failed while stopping: OSError" in err  # reported, not masking
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]  # no partial weights
+    monkeypatch.undo()  # space freed
+    assert train.main(["--config", cfg]) == 0
+    assert "its EMA weights were exported" in capsys.readouterr().out
+    assert json.loads((run / "weights" / "dataset.json").read_text())["step"] == 2
 
 
 def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
@@ -235,6 +372,94 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         config.ConfigError, match=r"config.checkpoint.init_from: .*nope.* not found"
     ):
         train.initial_model(missing)
+
+
+def test_cpu_quick_start_runs_verbatim_on_one_device(tmp_path, dataset):
+    # docs/training.md's command; steps and run_dir only keep the test short and in tmp_path.
+    quick = [
+        "--config",
+        "configs/cpu.py",
+        f"--config.data.path={dataset}",
+        "--config.optim.lr=1e-4",
+    ]
+    run = tmp_path / "cpu"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    code, out = finish(run_cli([*quick, "--config.steps=2", f"--config.run_dir={run}"], env))
+    assert code == 0, out[-3000:]
+    # configs/cpu.py names the tld-tiny sizes (4×16×16 latents, 768-d text); the data set's
+    # manifest (4×8×8, 32-d) decides.
+    assert "latent_size=8 (config: 16), text_dim=32 (config: 768)" in out
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert (model["latent_channels"], model["latent_size"], model["text_dim"]) == (4, 8, 32)
+    assert (run / "weights" / "params.safetensors").exists()
+
+
+def test_failed_async_save_is_reported_under_its_own_step(tmp_path, dataset):
+    # A 1 MB file-size limit: step 1's checkpoint (~10 MB of arrays) fails in orbax's
+    # background writer, which the next save (step 2) is the first to hear about.
+    cfg = write_config(tmp_path, "async", dataset, steps=3, every=1, async_save=True)
+    limit = 1 << 20
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ
+
+    code, out = finish(run_cli(["--config", cfg], preexec_fn=small_files))
+    assert code == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: saving step 1 to {tmp_path / 'async' / 'checkpoints'} failed"
+    ), out[-3000:]
+    assert "File too large" in errors[0] and "Traceback" not in out
+
+
+def test_sigterm_during_compile_stops_cleanly(tmp_path, dataset):
+    cfg = write_config(tmp_path, "early", dataset, steps=1000, every=1000)
+    proc = run_cli(["--config", cfg])
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while not any("compiling the train step" in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("no compile line:\n" + "".join(lines)[-3000:])
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # XLA is compiling; Python sees it when that returns
+    try:
+        code = proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL: the signal did not stop it
+        raise
+    reader.join()
+    out = "".join(lines)
+    assert code == 0, out[-3000:]
+    assert "stop signal before the first step: nothing to save (no checkpoint), exiting" in out
+    assert not os.listdir(tmp_path / "early" / "checkpoints")
+
+
+def test_unreachable_s3_while_reading_shards_is_one_error_line(
+    tmp_path, dataset, s3_env, request, monkeypatch, capsys
+):
+    client = s3_env.client()
+    for folder, _, files in os.walk(dataset):
+        for name in files:
+            path = os.path.join(folder, name)
+            key = f"{request.node.name}/{os.path.relpath(path, dataset)}"
+            client.upload_file(path, s3_env.bucket, key)
+    opened = data.open_dataset
+
+    def manifest_then_outage(*args, **kw):
+        ds = opened(*args, **kw)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+        return ds
+
+    monkeypatch.setattr(data, "open_dataset", manifest_then_outage)
+    cfg = write_config(tmp_path, "s3down", s3_env.url(request.node.name), steps=2)
+    assert train.main(["--config", cfg]) == train.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: cannot read shard {s3_env.url(request.node.name)}/shards/" in err
+    assert "EndpointConnectionError" in err and "No shard was skipped" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

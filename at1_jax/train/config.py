@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import typing
 from typing import Any
@@ -289,6 +290,13 @@ def validate(cfg: TrainConfig) -> None:
                 value = getattr(value, part)
             raise ConfigError(f"config.{field} must be {want}, got {value!r}")
 
+    # inf passes every range check below (inf > 0) and nan fails them with a puzzling text.
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        for f in dataclasses.fields(value) if dataclasses.is_dataclass(value) else ():
+            number = getattr(value, f.name)
+            if isinstance(number, float):
+                need(math.isfinite(number), f"{section.name}.{f.name}", "a finite number")
     need(cfg.steps >= 1, "steps", ">= 1")
     need(bool(cfg.data.path), "data.path", "a dataset folder or s3:// URL with manifest.json")
     need(cfg.data.batch_size >= 1, "data.batch_size", ">= 1")

@@ -7,8 +7,9 @@ shuffles the samples of a block from (seed, epoch, block), and yields them. Stre
 rows [s·B/S, (s+1)·B/S) of every global batch, and process p hosts streams p·S/P …, so the
 same S gives the same batches on any number of processes. A position (epoch, block, offset)
 per stream names the next sample exactly, so a resumed run sees what it would have seen.
-Shard bytes are checked against the manifest's size and sha256: a corrupt, truncated or
-half-written shard is skipped whole, with a warning, and counted.
+Shard bytes are checked against the manifest's size and sha256: a corrupt, truncated,
+half-written or missing shard is skipped whole, with a warning, and counted. Storage that
+cannot be read (S3 unreachable, access denied, I/O errors) stops the run instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class DataError(RuntimeError):
     """A dataset that cannot be trained on; the message says what to fix."""
+
+
+class StorageUnavailable(DataError):
+    """The storage holding the shards cannot be read now (unreachable, denied, I/O error)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +132,17 @@ class ShardStream:
                 {k: s[k] for k in self.fields}
                 for s in schema.iter_shard_samples(data, shard.name, self.ds.manifest)
             ]
-        except (OSError, schema.SchemaError) as e:
+        except (FileNotFoundError, schema.SchemaError) as e:  # the shard itself is bad
             if shard.name not in self.skipped_shards:
                 log.warning("skipping shard %s (%s): %s", shard.name, url, e)
             self.skipped_shards[shard.name] = str(e)
             return []
+        except Exception as e:  # botocore/s3fs/OS errors: skipping would change the data order
+            raise StorageUnavailable(
+                f"cannot read shard {url}: {type(e).__name__}: {e}. No shard was skipped: "
+                "check the storage (for S3: AWS_ENDPOINT_URL, the credentials) and rerun to "
+                "resume from the latest checkpoint"
+            ) from e
 
     def _block(self, epoch: int, block: int) -> list[dict[str, np.ndarray]] | None:
         shards = self.shards(epoch)[block * self.block_size : (block + 1) * self.block_size]

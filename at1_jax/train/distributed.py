@@ -15,9 +15,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from at1_jax.train.config import DistributedConfig
+from at1_jax.train.config import ConfigError, DistributedConfig
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _cluster_env() -> bool:
@@ -41,7 +43,7 @@ def initialize(cfg: DistributedConfig) -> None:
     kwargs = {}
     if explicit:
         if pid < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"distributed: coordinator {coordinator} and {num} processes given but no "
                 "process id: set config.distributed.process_id or JAX_PROCESS_ID"
             )
@@ -53,20 +55,27 @@ def initialize(cfg: DistributedConfig) -> None:
 class StopSignal:
     """SIGTERM/SIGINT → save a checkpoint and exit, at the same step on every process.
 
-    One process: our own handler sets a flag. Several: jax.distributed has installed its
-    preemption notifier for SIGTERM, and `reached_preemption_sync_point` makes every
-    process agree on the step; SIGINT is forwarded to it as SIGTERM.
+    Created first thing (before jax.distributed and compiling), so a signal during start-up
+    stops the run cleanly instead of killing it. One process: our handler sets a flag.
+    Several (after `joined()`): jax.distributed has installed its preemption notifier for
+    SIGTERM, and `reached_preemption_sync_point` makes every process agree on the step;
+    SIGINT, and a signal that arrived before joining, are passed to it as SIGTERM.
     """
 
     def __init__(self):
-        self.multi = jax.process_count() > 1
+        self.multi = False
         self.signum = None
-        self._previous = {}
-        if self.multi:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
-        else:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._flag)
+        self._previous = {sig: signal.signal(sig, self._flag) for sig in STOP_SIGNALS}
+
+    def joined(self) -> None:
+        """Switch to JAX's preemption sync when this process is one of several."""
+        if jax.process_count() == 1:
+            return
+        self.multi = True
+        self._previous.pop(signal.SIGTERM)  # JAX's notifier owns it now: leave it in place
+        signal.signal(signal.SIGINT, self._forward)
+        if self.signum is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _flag(self, signum, frame):
         self.signum = signum
@@ -75,7 +84,13 @@ class StopSignal:
         self.signum = signum
         os.kill(os.getpid(), signal.SIGTERM)
 
+    @property
+    def requested_here(self) -> bool:
+        """A signal reached this process (for decisions that need no agreement)."""
+        return self.signum is not None
+
     def should_stop(self, step: int) -> bool:
+        """Whether every process stops after `step` (a collective when several run)."""
         if self.multi:
             return bool(multihost_utils.reached_preemption_sync_point(step))
         return self.signum is not None
@@ -83,6 +98,7 @@ class StopSignal:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 def allgather_rows(row: list[int]) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -11,8 +12,25 @@ import numpy as np
 from tqdm import tqdm
 
 from at1_jax.model.flops import peak_flops
+from at1_jax.train.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def check_backends(cfg) -> None:
+    """The logging packages the config asks for are importable: checked before any work."""
+    if jax.process_index() != 0:  # only process 0 writes logs
+        return
+    wanted = [
+        ("tensorboard", cfg.log.tensorboard, "tensorboardX", "tensorboardX"),
+        ("wandb", cfg.log.wandb, "wandb", "wandb (the key is read from WANDB_API_KEY)"),
+    ]
+    for field, on, module, package in wanted:
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"config.log.{field}=true but {module} is not installed: pip install "
+                f"{package}, or pass --config.log.{field}=false"
+            )
 
 
 class Reporter:
@@ -35,14 +53,9 @@ class Reporter:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
-        if cfg.log.wandb:
-            try:
-                import wandb
-            except ImportError as e:
-                raise RuntimeError(
-                    "config.log.wandb is on but wandb is not installed: pip install wandb "
-                    "(the key is read from WANDB_API_KEY)"
-                ) from e
+        if cfg.log.wandb:  # check_backends() has checked that it is installed
+            import wandb
+
             self.wandb = wandb.init(
                 project=cfg.log.wandb_project, name=cfg.name, config=config_dict
             )
@@ -57,7 +70,7 @@ class Reporter:
         now = time.perf_counter()
         dt = (now - self._t) / max(step - self._t_step, 1)
         self._t, self._t_step = now, step
-        scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        scalars = {k: float(v) for k, v in metrics.items() if np.asarray(v).dtype != bool}
         scalars["step_time_s"] = dt
         scalars["images_per_s"] = self.cfg.data.batch_size / dt
         if self.flops:

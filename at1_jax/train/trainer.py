@@ -1,6 +1,9 @@
 """Train the denoiser: `python -m at1_jax.train --config configs/cpu.py [--config.a.b=v …]`.
 
 Every process of a multi-host run executes this same command (see launch/).
+Exit codes: 0 done (or stopped by a signal after its checkpoint); 1 an outside failure
+(storage unreachable, disk full: fix it and rerun to resume); 2 a config, data set or
+checkpoint that cannot be used; 3 a non-finite step.
 """
 
 from __future__ import annotations
@@ -10,33 +13,48 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from safetensors import SafetensorError
 
 from at1_jax.checkpointing import checkpoints as checkpoint
 from at1_jax.checkpointing.load import MissingFiles, load_model
 from at1_jax.model import weights
 from at1_jax.model.denoiser import NUMERICS
 from at1_jax.model.flops import analytic_train_flops
-from at1_jax.train import config, data, distributed, sharding
+from at1_jax.train import config, data, distributed, reporting, sharding
 from at1_jax.train import step as train_step
 from at1_jax.train.reporting import Reporter
 from at1_jax.train.sample_grids import SampleGrids, write_grid
 
-log = logging.getLogger("at1_jax.train")
+log = logging.getLogger(__name__)
 
-EXIT_NONFINITE = 3
+EXIT_FAILED, EXIT_UNUSABLE, EXIT_NONFINITE = 1, 2, 3
+WEIGHTS_DIR = "weights"
+# Model sizes that follow the data set unless given on the command line.
+SIZE_FIELDS = ("latent_channels", "latent_size", "text_dim")
+# Config fields that shape the trained weights. Mesh, checkpointing, logging and process
+# settings may change on resume and mean nothing to a finished run.
+_RESULT_FIELDS = ("seed", "steps")
+_RESULT_SECTIONS = ("model.", "objective.", "data.", "optim.")
+_NOT_RESULT = ("data.prefetch",)
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
+    """A non-finite step: the run cannot go on; the message says why and what to do."""
 
 
-def parse_args(argv) -> config.TrainConfig:
+class RunFailure(RuntimeError):
+    """An outside failure (disk full, storage down); fixing it and rerunning resumes."""
+
+
+def parse_args(argv) -> tuple[config.TrainConfig, frozenset[str]]:
+    """The run's config and the model sizes pinned on the command line."""
     p = argparse.ArgumentParser(prog="python -m at1_jax.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
     p.add_argument("--init-from", help="checkpoint folder or at1-jax weights folder to start from")
@@ -51,23 +69,56 @@ def parse_args(argv) -> config.TrainConfig:
         ck = dataclasses.replace(ck, init_from=args.init_from)
     if args.resume is not None:
         ck = dataclasses.replace(ck, resume=args.resume)
-    return dataclasses.replace(cfg, checkpoint=ck)
+    return dataclasses.replace(cfg, checkpoint=ck), pinned_sizes(rest)
 
 
-def check_fit(cfg: config.TrainConfig, ds: data.Dataset) -> None:
-    """Model, dataset and devices agree; raised before anything is compiled."""
-    m = cfg.model
-    want = (m.latent_channels, m.latent_size, m.latent_size)
-    if tuple(ds.latent_shape) != want:
+def pinned_sizes(overrides: list[str]) -> frozenset[str]:
+    """`SIZE_FIELDS` set by `--config.model.X=` (a later `--config.model=PRESET` unsets them)."""
+    pinned: set[str] = set()
+    for item in overrides:
+        key = item.lstrip("-").partition("=")[0].replace("-", "_")
+        if key == "config.model":
+            pinned.clear()
+        elif key.startswith("config.model.") and key.rsplit(".", 1)[1] in SIZE_FIELDS:
+            pinned.add(key.rsplit(".", 1)[1])
+    return frozenset(pinned)
+
+
+def fit_to_dataset(
+    cfg: config.TrainConfig, ds: data.Dataset, pinned: frozenset[str] = frozenset()
+) -> config.TrainConfig:
+    """The config with the data set's latent and text sizes; a pinned size must agree."""
+    shape = tuple(ds.latent_shape)
+    facts = f"data set {ds.root} (latents {shape}, text array {ds.text_name!r} {ds.text_dim}-d)"
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise config.ConfigError(f"{facts}: the model needs (channels, size, size) latents")
+    found = {"latent_channels": shape[0], "latent_size": shape[1], "text_dim": ds.text_dim}
+    clash = [
+        f"--config.model.{k}={getattr(cfg.model, k)} (data set: {v})"
+        for k, v in found.items()
+        if k in pinned and getattr(cfg.model, k) != v
+    ]
+    if clash:
         raise config.ConfigError(
-            f"dataset {ds.root} has latents {tuple(ds.latent_shape)} but the model expects "
-            f"(channels, size, size) = {want}: set config.model.latent_channels/latent_size"
+            f"{', '.join(clash)} given on the command line does not fit the {facts}: drop "
+            "the override to take the data set's size, or use another data set"
         )
-    if ds.text_dim != m.text_dim:
-        raise config.ConfigError(
-            f"dataset text array {ds.text_name!r} is {ds.text_dim}-d but config.model.text_dim "
-            f"is {m.text_dim}"
-        )
+    changed = {k: v for k, v in found.items() if getattr(cfg.model, k) != v}
+    if not changed:
+        return cfg
+    try:
+        model = dataclasses.replace(cfg.model, **changed)
+    except ValueError as e:
+        raise config.ConfigError(f"{facts}: {e}") from None
+    log.info(
+        "model sizes from the data set: %s",
+        ", ".join(f"{k}={v} (config: {getattr(cfg.model, k)})" for k, v in changed.items()),
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def check_fit(cfg: config.TrainConfig) -> None:
+    """The batch splits over the processes; raised before anything is compiled."""
     if cfg.data.batch_size % jax.process_count():
         raise config.ConfigError(
             f"config.data.batch_size={cfg.data.batch_size} is not divisible by the "
@@ -91,27 +142,141 @@ def initial_model(cfg: config.TrainConfig):
     return model
 
 
-def export_ema(state: dict, cfg: config.TrainConfig, directory: str, dataset: dict) -> None:
-    """Write the EMA weights as an at1-jax weights folder (gathered to process 0)."""
+def export_ema(state: dict, cfg: config.TrainConfig, step: int, dataset: dict) -> str:
+    """Write the EMA weights to RUN/weights (gathered to process 0), complete or absent."""
+    directory = os.path.join(cfg.run_dir, WEIGHTS_DIR)
     arrays = {"params": state["ema"], "buffers": state["buffers"]}
     host = multihost_utils.process_allgather(arrays, tiled=True)
     if jax.process_index() != 0:
-        return
+        return directory
     flat = {}
     for part in ("params", "buffers"):
         for path, value in jax.tree_util.tree_leaves_with_path(host[part]):
             key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             flat[key] = np.asarray(value, np.float32)
-    weights.save(directory, cfg.model, flat)
-    with open(os.path.join(directory, weights.DATASET_FILE), "w") as f:
-        json.dump(dataset, f, indent=2)
+    tmp, old = (os.path.join(cfg.run_dir, f".{WEIGHTS_DIR}.{s}") for s in ("tmp", "old"))
+    try:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        weights.save(tmp, cfg.model, flat)
+        with open(os.path.join(tmp, weights.DATASET_FILE), "w") as f:
+            json.dump({**dataset, "step": step}, f, indent=2)
+        if os.path.exists(directory):
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial files took
+        raise RunFailure(
+            f"writing the EMA weights of step {step} to {directory} failed: {e}. The checkpoint "
+            f"of step {step} in {cfg.checkpoint_dir} is complete: fix this and rerun the same "
+            "command to export them"
+        ) from e
+    return directory
 
 
-def train(cfg: config.TrainConfig) -> int:
-    """The training loop; returns a process exit code."""
+def exported_step(run_dir: str) -> int | None:
+    """The step of the EMA weights exported to RUN/weights, if any."""
+    folder = os.path.join(run_dir, WEIGHTS_DIR)
+    try:
+        with open(os.path.join(folder, weights.DATASET_FILE)) as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError):
+        return None
+    return step if os.path.isfile(os.path.join(folder, weights.PARAMS_FILE)) else None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differences(old: dict, new: dict, keep) -> list[str]:
+    keys = sorted(k for k in old.keys() | new.keys() if keep(k))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def config_changes(saved: dict, cfg: config.TrainConfig) -> list[str]:
+    """'field old -> new' for every field that shapes the weights and differs from `saved`."""
+    new = _flat(json.loads(config.to_json(cfg)))
+
+    def keep(k):
+        return (k in _RESULT_FIELDS or k.startswith(_RESULT_SECTIONS)) and k not in _NOT_RESULT
+
+    return _differences(_flat(saved), new, keep)
+
+
+def layout_changes(saved: dict, cfg: config.TrainConfig) -> list[str]:
+    """Differences that give the train state other arrays: architecture, clipping on/off."""
+    new = _flat(json.loads(config.to_json(cfg)))
+
+    def keep(k):
+        return k.startswith("model.") and k.split(".", 1)[1] not in NUMERICS
+
+    found = _differences(_flat(saved), new, keep)
+    clip_before = bool(saved.get("optim", {}).get("clip_norm"))
+    if clip_before != bool(cfg.optim.clip_norm):
+        found.append(
+            f"optim.clip_norm {saved['optim']['clip_norm']!r} -> {cfg.optim.clip_norm!r} "
+            "(clipping on/off changes the optimizer state)"
+        )
+    return found
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _say(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _close_all(closers: list, failing: bool) -> None:
+    """Run every closer; while an error is on its way out, theirs are warnings, never masks."""
+    first = None
+    for name, close in reversed(closers):
+        try:
+            close()
+        except Exception as e:
+            if failing or first is not None:
+                log.warning("%s also failed while stopping: %s: %s", name, type(e).__name__, e)
+            else:
+                first = e
+    if first is not None:
+        raise first
+
+
+def train(
+    cfg: config.TrainConfig,
+    pinned: frozenset[str] = frozenset(),
+    stop: distributed.StopSignal | None = None,
+) -> int:
+    """The training run; returns 0 or raises an error that `main` turns into an exit code."""
+    own_stop = stop is None
+    stop = stop or distributed.StopSignal()
+    closers, failing = [], True
+    try:
+        code = _train(cfg, pinned, stop, closers)
+        failing = False
+        return code
+    finally:
+        if own_stop:
+            closers.insert(0, ("the signal handlers", stop.restore))
+        _close_all(closers, failing)
+
+
+def _train(cfg, pinned, stop, closers) -> int:
     config.validate(cfg)
+    reporting.check_backends(cfg)
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
-    check_fit(cfg, ds)
+    cfg = fit_to_dataset(cfg, ds, pinned)
+    check_fit(cfg)
     try:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
@@ -137,18 +302,43 @@ def train(cfg: config.TrainConfig) -> int:
     ckpts = checkpoint.Checkpoints(
         cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save
     )
-    latest = ckpts.latest_step() if cfg.checkpoint.resume else None
+    closers.append(("closing the checkpoints", ckpts.close))
+    where = cfg.checkpoint_dir
+    latest = ckpts.latest_step()
+    if latest is not None and not cfg.checkpoint.resume:
+        raise config.ConfigError(
+            f"{where} already holds the checkpoints of a run (steps {ckpts.steps()}) and "
+            "resume is off (--no-resume): a new run there would collide with them. Train it "
+            f"in a new run_dir (or checkpoint.dir), or delete {where} to start over there"
+        )
     positions = [[0, 0, 0]] * streams
     if latest is not None:
+        saved = _restore_meta(ckpts, latest).get("config") or {}
+        layout = layout_changes(saved, cfg) if saved else []
+        if layout:
+            raise config.ConfigError(
+                f"cannot resume from step {latest} in {where}: its train state was made by "
+                f"another config ({'; '.join(layout)}). Resuming needs the same model "
+                "architecture and clipping on/off: train this config in a new run_dir (or "
+                f"checkpoint.dir), or delete {where} to start over there"
+            )
+        changes = config_changes(saved, cfg) if saved else []
+        if latest >= cfg.steps:
+            return _finished(cfg, ckpts, spec, latest, changes)
+        if changes:
+            _say(f"resuming from step {latest} with changed settings: {'; '.join(changes)}")
+    if not stop.multi and stop.requested_here:  # one process: no agreement needed
+        return _stopped_early(latest)
+    if latest is not None:
         state, meta = ckpts.restore(latest, spec.abstract)
-        saved = meta.get("data_positions") or positions
-        if len(saved) == streams:
-            positions = saved
+        saved_positions = meta.get("data_positions") or positions
+        if len(saved_positions) == streams:
+            positions = saved_positions
         else:
-            epoch = max(p[0] for p in saved) + 1
+            epoch = max(p[0] for p in saved_positions) + 1
             log.warning(
                 "checkpoint has %d data streams, this run %d: data order restarts at epoch %d",
-                len(saved),
+                len(saved_positions),
                 streams,
                 epoch,
             )
@@ -157,22 +347,25 @@ def train(cfg: config.TrainConfig) -> int:
     else:
         state = train_step.init_state(cfg, tx, spec, initial_model(cfg))
         start = 0
-    if primary:
+    if primary:  # the config this run trains with, from `start` on
         os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            f.write(config.to_json(cfg))
+        _write_atomic(os.path.join(cfg.run_dir, "config.json"), config.to_json(cfg))
     first_stream = hosted[0].index
     start_positions = [data.Position(*positions[first_stream + i]) for i in range(len(hosted))]
     reader = data.BatchReader(
         hosted, cfg.data.batch_size // streams, start_positions, cfg.data.prefetch
     )
+    closers.append(("stopping the data reader", reader.close))
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
+    log.info("compiling the train step")
     step_fn = jitted.lower(spec.abstract, first).compile()
+    if stop.should_stop(start):
+        return _stopped_early(latest)
     flops = analytic_train_flops(cfg.model) * cfg.data.batch_size  # model FLOPs, for MFU
     reporter = Reporter(cfg, start, flops, json.loads(config.to_json(cfg)))
+    closers.append(("closing the logs", reporter.close))
     samples = SampleGrids(cfg, ds, spec.graphdef, mesh) if cfg.log.sample_every else None
-    stop = distributed.StopSignal()
     meta_base = {
         "seed": cfg.seed,
         "config": json.loads(config.to_json(cfg)),
@@ -184,81 +377,154 @@ def train(cfg: config.TrainConfig) -> int:
             "latent_scale": ds.latent_scale,
         },
     }
+    saved_step, in_flight = latest, False  # the latest save (started or done), None: none
+
+    def finish_save():
+        """Wait for the pending asynchronous save; its failure names its own step."""
+        nonlocal in_flight
+        if not in_flight:
+            return
+        in_flight = False
+        try:
+            ckpts.wait()
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(
+                f"saving step {saved_step} to {where} failed: {e.__cause__ or e}"
+            ) from e
 
     def save(step: int, data_positions: list[data.Position]):
+        nonlocal saved_step, in_flight
+        finish_save()  # orbax would wait for it inside save() and blame this step
         flat = [v for p in data_positions for v in dataclasses.astuple(p)]
         rows = [r[i : i + 3] for r in distributed.allgather_rows(flat) for i in range(0, len(r), 3)]
         ckpts.save(step, state, {**meta_base, "step": step, "data_positions": rows})
+        saved_step, in_flight = step, True
 
     def check(step: int, metrics: dict) -> dict:
         host = jax.device_get(metrics)
-        if not bool(host["finite"]):
-            raise TrainingError(
-                f"non-finite loss or gradient at step {step} (loss={float(host['loss'])}, "
-                f"grad_norm={float(host['grad_norm'])}); the state was not updated and no "
-                f"checkpoint was written after step {ckpts.latest_step()}. Lower optim.lr, set "
-                "optim.clip_norm, or check the data."
+        if bool(host["finite"]):
+            return host
+        values = f"loss={float(host['loss'])}, grad_norm={float(host['grad_norm'])}"
+        if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
+            what = f"non-finite loss or gradient at step {step} ({values})"
+        else:
+            what = (
+                f"the update of step {step} made the weights or optimizer state non-finite "
+                f"({values}, lr={float(host['lr'])})"
             )
-        return host
+        kept = f"step {saved_step}" if saved_step is not None else "none yet"
+        raise TrainingError(
+            f"{what}; the state was not updated and nothing after it is saved (latest "
+            f"checkpoint: {kept}). Lower optim.lr, set optim.clip_norm, or check the data."
+        )
 
-    batch, code, step = first, 0, start
-    pending = None  # (step, metrics, position) of the step whose metrics are not checked yet
-    try:
-        while step < cfg.steps:
-            state, metrics = step_fn(state, batch)
-            step += 1
-            done_position = reader.positions
-            if pending is not None:
-                reporter.step(pending[0], check(pending[0], pending[1]))
-            pending = (step, metrics, done_position)
-            preempted = stop.should_stop(step)
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempted:
-                reporter.step(step, check(step, metrics))
-                pending = None
-                save(step, done_position)
-            if samples and (step % cfg.log.sample_every == 0 or step == cfg.steps):
-                grid = samples.grid(state)
-                if primary:
-                    write_grid(cfg.run_dir, step, grid)
-                    reporter.image(step, grid)
-            if preempted:
-                reporter.message(f"stop signal: checkpoint of step {step} saved, exiting")
-                break
-            if step < cfg.steps:
-                batch = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
+    batch, step = first, start
+    pending = None  # (step, metrics) of the step whose metrics are not checked yet
+    while step < cfg.steps:
+        state, metrics = step_fn(state, batch)
+        step += 1
+        done_position = reader.positions
         if pending is not None:
-            reporter.step(pending[0], check(pending[0], pending[1]))
-        ckpts.wait()
-        if step == cfg.steps:
-            export_ema(state, cfg, os.path.join(cfg.run_dir, "weights"), meta_base["dataset"])
-            reporter.message(f"done: {step} steps; EMA weights in {cfg.run_dir}/weights")
-        if reader.skipped_shards:
-            skipped = reader.skipped_shards
-            log.warning("skipped %d corrupt shards: %s", len(skipped), skipped)
-    except TrainingError as e:
-        reporter.message(f"error: {e}")
-        ckpts.wait()
-        code = EXIT_NONFINITE
-    finally:
-        reader.close()
-        stop.restore()
-        reporter.close()
-        ckpts.close()
-    return code
+            reporter.step(pending[0], check(*pending))
+        pending = (step, metrics)
+        preempted = stop.should_stop(step)
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempted:
+            reporter.step(step, check(step, metrics))
+            pending = None
+            save(step, done_position)
+        if samples and (step % cfg.log.sample_every == 0 or step == cfg.steps):
+            grid = samples.grid(state)
+            if primary:
+                write_grid(cfg.run_dir, step, grid)
+                reporter.image(step, grid)
+        if preempted:
+            finish_save()
+            reporter.message(f"stop signal: checkpoint of step {step} saved, exiting")
+            break
+        if step < cfg.steps:
+            batch = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
+    if pending is not None:
+        reporter.step(pending[0], check(*pending))
+    finish_save()
+    if step == cfg.steps:
+        out = export_ema(state, cfg, step, meta_base["dataset"])
+        reporter.message(f"done: {step} steps; EMA weights in {out}")
+    if reader.skipped_shards:
+        skipped = reader.skipped_shards
+        log.warning("skipped %d corrupt shards: %s", len(skipped), skipped)
+    return 0
+
+
+def _restore_meta(ckpts: checkpoint.Checkpoints, step: int) -> dict:
+    try:
+        return ckpts.restore_meta(step)
+    except Exception as e:  # orbax/tensorstore raise many kinds
+        raise checkpoint.CheckpointError(
+            f"reading the metadata of step {step} in {ckpts.path} failed: {e}"
+        ) from e
+
+
+def _finished(cfg, ckpts, spec, latest: int, changes: list[str]) -> int:
+    """A rerun of a run that has no step left: export if needed, never retrain or rewrite."""
+    where = cfg.checkpoint_dir
+    if changes:
+        raise config.ConfigError(
+            f"{where} already holds step {latest} and config.steps={cfg.steps}: nothing is left "
+            f"to train, so these changes cannot apply: {'; '.join(changes)}. Nothing was "
+            f"trained and {cfg.run_dir}/config.json is unchanged. Raise config.steps above "
+            f"{latest} to continue this run with them, or train them in a new run_dir"
+        )
+    out = os.path.join(cfg.run_dir, WEIGHTS_DIR)
+    if exported_step(cfg.run_dir) == latest:
+        _say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
+        return 0
+    state, meta = ckpts.restore(latest, spec.abstract)
+    export_ema(state, cfg, latest, meta.get("dataset") or {})
+    _say(f"already finished at step {latest}; its EMA weights were exported to {out}")
+    return 0
+
+
+def _stopped_early(latest: int | None) -> int:
+    kept = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint"
+    _say(f"stop signal before the first step: nothing to save ({kept}), exiting")
+    return 0
+
+
+class _NoBackgroundTracebacks(logging.Filter):
+    """Orbax logs its worker threads' exceptions with tracebacks; the error line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_ABSL = _NoBackgroundTracebacks()
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    stop = distributed.StopSignal()  # first: a signal during start-up stops cleanly
+    # absl's import-time basicConfig() got there first: replace it. Libraries stay at WARNING.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").addFilter(_QUIET_ABSL)
     try:
-        cfg = parse_args(argv)
+        cfg, pinned = parse_args(argv)
         config.validate(cfg)
         distributed.initialize(cfg.distributed)
-        if jax.process_index() != 0:
-            logging.getLogger().setLevel(logging.WARNING)
+        stop.joined()
+        if jax.process_index() == 0:
+            logging.getLogger("at1_jax").setLevel(logging.INFO)
         t0 = time.perf_counter()
-        code = train(cfg)
+        code = train(cfg, pinned, stop)
         log.info("finished in %.1f s", time.perf_counter() - t0)
         return code
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (data.StorageUnavailable, RunFailure, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (config.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_UNUSABLE
+    finally:
+        stop.restore()
