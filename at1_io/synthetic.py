@@ -111,10 +111,13 @@ def make_dataset(
         val_prompts={"path": schema.VAL_PROMPTS_PATH} if val_prompts else None,
         val_shards=val_infos,
         sources={source: (shards + val_shards) * per_shard},
+        # Per-split totals as the data stage writes them with a split; none without one.
         splits={
             schema.TRAIN: totals(infos, train_counts),
             schema.VAL: totals(val_infos, val_counts),
-        },
+        }
+        if val_shards
+        else {},
     )
     with open(os.path.join(root, schema.MANIFEST_NAME), "w") as f:
         f.write(schema.dump_manifest(manifest))
