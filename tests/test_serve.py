@@ -22,6 +22,7 @@ import pytest
 from test_sample import save_tiny_denoiser
 
 from at1_jax.model.samplers import SamplerConfig
+from at1_jax.serve import cli
 from at1_jax.serve.batcher import Batcher, QueueFull
 
 # Wide enough that requests sent together from threads land in one batch on a loaded machine.
@@ -319,3 +320,15 @@ def test_batcher_bounds_queued_images_and_survives_a_failing_call():
         assert batcher.stats()["queued_images"] == 0
     finally:
         batcher.close()
+
+
+def test_cli_refuses_bad_settings_before_serving(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "not found" in err
+    argv = [str(tmp_path / "nowhere"), "--max-images", "8", "--max-queued-images", "4"]
+    assert cli.main(argv) == 2
+    assert "--max-queued-images 4 is less than --max-images 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([str(tmp_path), "--batch-sizes", "0,4"])
+    assert "sizes >= 1" in capsys.readouterr().err

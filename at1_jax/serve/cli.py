@@ -38,7 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m at1_jax.serve",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "checkpoint", metavar="RUN_OR_WEIGHTS", help="weights folder or training run (or s3://)"
@@ -47,9 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         "--host",
         default="127.0.0.1",
         help="address to listen on; any other than loopback lets the network use the model "
-        "(there is no authentication)",
+        "(there is no authentication); default %(default)s",
     )
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="0 picks a free port (printed); default %(default)s"
+    )
     p.add_argument(
         "--text-encoder",
         help=f"[kind=]id or folder (default: from the checkpoint, else {DEFAULT_TEXT_ENCODER})",
@@ -58,35 +59,48 @@ def _parser() -> argparse.ArgumentParser:
         "--vae",
         help=f"diffusers VAE id/folder, or 'pixel' (default: checkpoint's, else {DEFAULT_VAE})",
     )
-    p.add_argument("--decode", default="jax", choices=("jax", "torch"))
+    p.add_argument(
+        "--decode",
+        default="jax",
+        choices=("jax", "torch"),
+        help="VAE decoder: jax (Flax) or torch (diffusers); default %(default)s",
+    )
     p.add_argument("--latent-scale", type=float, help="raw VAE latent = x0 · this (default 8)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="text-embedding cache")
+    p.add_argument(
+        "--cache-dir", default=DEFAULT_CACHE, help="text-embedding cache; default %(default)s"
+    )
     p.add_argument(
         "--batch-sizes",
         type=_batch_sizes,
         default="1,4,16",
         help="compiled batch sizes: a call of n images runs at the smallest size >= n; one "
-        "size makes an image's bytes independent of what it was batched with",
+        "size makes an image's bytes independent of what it was batched with; default 1,4,16",
     )
-    p.add_argument("--max-images", type=int, default=64, help="images per request")
-    p.add_argument("--max-steps", type=int, default=100, help="sampler steps per request")
+    p.add_argument(
+        "--max-images", type=int, default=64, help="images per request; default %(default)s"
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=100, help="sampler steps per request; default %(default)s"
+    )
     p.add_argument(
         "--max-queued-images",
         type=int,
         default=256,
-        help="images accepted and not yet answered; more gets HTTP 503 (bounds memory)",
+        help="images accepted and not yet answered; more gets HTTP 503 (bounds memory); "
+        "default %(default)s",
     )
     p.add_argument(
         "--max-programs",
         type=int,
         default=16,
-        help="compiled sampler programs kept, one per (steps, guidance, sampler, batch size)",
+        help="compiled sampler programs kept, one per (steps, guidance, sampler, batch size); "
+        "default %(default)s",
     )
     p.add_argument(
         "--batch-window-ms",
         type=float,
         default=50.0,
-        help="how long the first request waits for others to share its batch",
+        help="how long the first request waits for others to share its batch; default %(default)s",
     )
     return p
 
