@@ -36,7 +36,7 @@ def test_wheel_install_runs_without_the_checkout(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[1].startswith(str(target))  # the config ships in the package
     for module in ("at1_jax.train", "at1_jax.sample", "at1_jax.evaluate", "at1_jax.convert",
-                   "at1_jax.bench", "at1_demo", "data_prep.encode"):  # fmt: skip
+                   "at1_jax.bench", "at1_jax.serve", "at1_demo", "data_prep.encode"):  # fmt: skip
         r = subprocess.run(
             [sys.executable, "-m", module, "--help"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

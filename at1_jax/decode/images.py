@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -38,13 +39,21 @@ def grid(images_NHWC, ncols: int | None = None, pad: int = 2) -> np.ndarray:
     return out
 
 
+def png_bytes(image_HWC) -> bytes:
+    """One uint8 image as PNG bytes (what save_png writes, byte for byte)."""
+    buf = io.BytesIO()
+    Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
 def save_png(image_HWC, path: str) -> str:
     """Write one uint8 image; the file appears complete (written aside, then renamed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
-        tmp, format="PNG"
-    )
+    with open(tmp, "wb") as f:
+        f.write(png_bytes(image_HWC))
     os.replace(tmp, path)
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,14 @@ def pixels_from_unit(x_NCHW: np.ndarray) -> np.ndarray:
     return images.to_uint8(np.asarray(x_NCHW, np.float32).transpose(0, 2, 3, 1) / 2 + 0.5)
 
 
+@functools.lru_cache(maxsize=2)
+def _jax_vae(vae: str):
+    # One loaded copy per VAE for the process, whatever batch sizes decoders are made for.
+    from at1_jax.decode.vae_weights import load_vae_decoder
+
+    return load_vae_decoder(vae)[0]
+
+
 def make_decoder(spec: DecodeSpec, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """x0 latents (N, C, h, w) → uint8 NHWC images, in fixed-size batches (VAE loaded once)."""
     if spec.mode == PIXEL:
@@ -59,9 +68,7 @@ def make_decoder(spec: DecodeSpec, batch_size: int) -> Callable[[np.ndarray], np
         return lambda x0: dec.decode(
             (x0 * spec.latent_scale + spec.latent_shift).astype(np.float32), batch_size
         )
-    from at1_jax.decode.vae_weights import load_vae_decoder
-
-    vae, _ = load_vae_decoder(spec.vae)
+    vae = _jax_vae(spec.vae)
 
     def decode(x0):
         out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import os
 import tempfile
@@ -114,8 +115,14 @@ def embed_prompts(
     return np.stack([np.load(files[p]).astype(np.float32) for p in prompts])
 
 
+@functools.lru_cache(maxsize=2)
+def _prompt_encoder(kind: str, model: str):
+    # Loaded once per process (evaluate and serve embed new prompts call after call).
+    return torch_bridge.prompt_encoder(kind, model)
+
+
 def _encode_to_cache(todo, kind, model, files, batch_size) -> None:
-    enc = torch_bridge.prompt_encoder(kind, model)  # PyTorch only for prompts never seen
+    enc = _prompt_encoder(kind, model)  # PyTorch only for prompts never seen
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         pooled = enc.encode(chunk)[f"{kind}_pooled"]

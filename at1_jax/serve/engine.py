@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import threading
 from collections.abc import Callable
 
 import jax
 import numpy as np
-from PIL import Image
 
+from at1_jax.decode.images import png_bytes
 from at1_jax.decode.pixels import make_decoder
 from at1_jax.generate.pipeline import Denoising, Pipeline
 from at1_jax.model.samplers import SamplerConfig
@@ -37,13 +36,6 @@ class CompileCounter:
             with self._lock:
                 self.count += 1
                 self.seconds += duration
-
-
-def png_bytes(image_HWC: np.ndarray) -> bytes:
-    """One uint8 image as PNG, encoded as at1_jax.decode.images.save_png writes it."""
-    buf = io.BytesIO()
-    Image.fromarray(image_HWC).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Engine:
