@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from at1_io.synthetic import make_dataset
 from at1_jax.checkpointing import checkpoints as checkpoint
@@ -540,3 +541,25 @@ def test_s3_data_and_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env,
     local = write_config(tmp_path, "local", dataset, steps=6, every=2)
     assert train.main(["--config", local]) == 0
     assert_same_state(state, final_state(local)[0])
+
+
+def test_dry_run_help_progress_messages_and_labelled_sample_sheets(tmp_path, dataset, capsys):
+    cfg = write_config(tmp_path, "ux", dataset, steps=2, every=2)
+    assert train.main(["--config", cfg, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.index("\ndata set")])["steps"] == 2  # the resolved config
+    assert "48 training samples in 4 shards, 0 held out" in out and "parameters; 2 steps" in out
+    assert not (tmp_path / "ux").exists()  # nothing written, nothing compiled
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "Model presets (--config.model=NAME): tld-tiny, at1" in capsys.readouterr().out
+    grids = ["--config.log.sample_every=2", "--config.log.num_samples=3"]
+    assert train.main(["--config", cfg, *grids]) == 0
+    out = capsys.readouterr().out
+    assert "compiling the train step (" in out and "resuming" not in out
+    sheet = np.asarray(Image.open(tmp_path / "ux" / "samples" / "step_00000002.png"))
+    assert sheet.shape[1] == 8 + 2 * (128 + 8)  # 3 pixel grids 8x8 → 128-px cells, 2 columns
+    assert (sheet[5:25].min(axis=-1) < 100).any()  # the title line is drawn
+    more = write_config(tmp_path, "ux", dataset, steps=3, every=2)
+    assert train.main(["--config", more]) == 0
+    assert "resuming from step 2 of 3" in capsys.readouterr().out

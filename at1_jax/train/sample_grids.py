@@ -64,11 +64,18 @@ class SampleGrids:
             log.warning("sample grids show latents: cannot load VAE %r (%s)", source, e)
             return make_decoder(dataclasses.replace(spec, mode="none"), 0)
 
-    def grid(self, state: dict) -> np.ndarray:
+    def sheet(self, state: dict, step: int) -> list[np.ndarray]:
+        """Labelled pages: each sample with its prompt, seed and guidance; title run and step."""
         key = jax.random.key(self.cfg.seed)
         latents = np.asarray(self._run(self.text, key, state["ema"], state["buffers"]))
-        return images.grid(self._decode(latents))
+        log_cfg = self.cfg.log
+        settings = f"seed {self.cfg.seed} · guidance {log_cfg.sample_guidance:g}"
+        prompts = self.prompts or ["(unconditional)"] * len(latents)
+        captions = [f"{p}\n{settings}" for p in prompts]
+        title = f"{self.cfg.name} · step {step} · {log_cfg.sample_steps} steps, EMA weights"
+        return images.sheet(self._decode(latents), captions, title)
 
 
-def write_grid(run_dir: str, step: int, grid_HWC: np.ndarray) -> str:
-    return images.save_png(grid_HWC, os.path.join(run_dir, "samples", f"step_{step:08d}.png"))
+def write_grid(run_dir: str, step: int, pages: list[np.ndarray]) -> list[str]:
+    """RUN/samples/step_00000100.png (and -2, -3… for more pages)."""
+    return images.save_pages(pages, os.path.join(run_dir, "samples", f"step_{step:08d}.png"))

@@ -19,14 +19,16 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import SafetensorError
 
 from at1_jax.checkpointing import checkpoints as checkpoint
 from at1_jax.checkpointing.load import MissingFiles, load_model
 from at1_jax.model import weights
-from at1_jax.model.denoiser import NUMERICS
+from at1_jax.model.denoiser import NUMERICS, Denoiser, count_params
 from at1_jax.model.flops import analytic_train_flops
+from at1_jax.model.presets import PRESETS
 from at1_jax.train import config, data, distributed, reporting, sharding
 from at1_jax.train import step as train_step
 from at1_jax.train.reporting import Reporter
@@ -53,12 +55,33 @@ class RunFailure(RuntimeError):
     """An outside failure (disk full, storage down); fixing it and rerunning resumes."""
 
 
-def parse_args(argv) -> tuple[config.TrainConfig, frozenset[str]]:
-    """The run's config and the model sizes pinned on the command line."""
-    p = argparse.ArgumentParser(prog="python -m at1_jax.train", description=__doc__.split("\n")[0])
+def _epilog() -> str:
+    groups = ", ".join(f.name for f in dataclasses.fields(config.TrainConfig))
+    return (
+        "Any config field is set with --config.SECTION.FIELD=VALUE, e.g.\n"
+        "  --config.optim.lr=1e-4 --config.data.path=s3://bucket/data\n"
+        f"Sections and fields: {groups}\n"
+        f"Model presets (--config.model=NAME): {', '.join(PRESETS)}\n"
+        "--dry-run shows the resolved config without training."
+    )
+
+
+def parse_args(argv) -> tuple[config.TrainConfig, frozenset[str], bool]:
+    """The run's config, the model sizes pinned on the command line, and --dry-run."""
+    p = argparse.ArgumentParser(
+        prog="python -m at1_jax.train",
+        description=__doc__.split("\n")[0],
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
     p.add_argument("--init-from", help="checkpoint folder or at1-jax weights folder to start from")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the data set's summary, then exit (no compiling)",
+    )
     args, rest = p.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
@@ -69,7 +92,7 @@ def parse_args(argv) -> tuple[config.TrainConfig, frozenset[str]]:
         ck = dataclasses.replace(ck, init_from=args.init_from)
     if args.resume is not None:
         ck = dataclasses.replace(ck, resume=args.resume)
-    return dataclasses.replace(cfg, checkpoint=ck), pinned_sizes(rest)
+    return dataclasses.replace(cfg, checkpoint=ck), pinned_sizes(rest), args.dry_run
 
 
 def pinned_sizes(overrides: list[str]) -> frozenset[str]:
@@ -232,6 +255,32 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def dry_run_report(cfg: config.TrainConfig, pinned: frozenset[str]) -> int:
+    """Prints the config as it would train (sizes fitted to the data set) and the data set."""
+    ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
+    cfg = fit_to_dataset(cfg, ds, pinned)
+    check_fit(cfg)
+    m = ds.manifest
+    print(config.to_json(cfg))
+    print(
+        f"data set {ds.root}: {m.num_samples} training samples in {len(m.shards)} shards, "
+        f"{m.val_num_samples} held out; latents {tuple(ds.latent_shape)} × "
+        f"{ds.latent_scale:g}, text {ds.text_name} ({ds.text_dim}-d); licences "
+        f"{dict(sorted(m.licenses.items())) or 'unknown'}"
+    )
+    epochs = cfg.steps * cfg.data.batch_size / max(m.num_samples, 1)
+    print(
+        f"model: {param_count(cfg.model):,} parameters; {cfg.steps} steps of "
+        f"{cfg.data.batch_size} images = {epochs:.1f} epochs"
+    )
+    return 0
+
+
+def param_count(model_cfg) -> int:
+    """Trainable parameters of a model config (shapes only, nothing allocated)."""
+    return count_params(nnx.eval_shape(lambda: Denoiser(model_cfg, nnx.Rngs(0))))
+
+
 def _say(text: str) -> None:
     if jax.process_index() == 0:
         print(text, flush=True)
@@ -358,7 +407,9 @@ def _train(cfg, pinned, stop, closers) -> int:
     closers.append(("stopping the data reader", reader.close))
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
-    log.info("compiling the train step")
+    if latest is not None:
+        _say(f"resuming from step {start} of {cfg.steps} ({where})")
+    _say(f"compiling the train step ({param_count(cfg.model):,} parameters)…")
     step_fn = jitted.lower(spec.abstract, first).compile()
     if stop.should_stop(start):
         return _stopped_early(latest)
@@ -433,10 +484,10 @@ def _train(cfg, pinned, stop, closers) -> int:
             pending = None
             save(step, done_position)
         if samples and (step % cfg.log.sample_every == 0 or step == cfg.steps):
-            grid = samples.grid(state)
+            pages = samples.sheet(state, step)
             if primary:
-                write_grid(cfg.run_dir, step, grid)
-                reporter.image(step, grid)
+                write_grid(cfg.run_dir, step, pages)
+                reporter.image(step, pages[0])
         if preempted:
             finish_save()
             reporter.message(f"stop signal: checkpoint of step {step} saved, exiting")
@@ -507,8 +558,10 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").addFilter(_QUIET_ABSL)
     try:
-        cfg, pinned = parse_args(argv)
+        cfg, pinned, dry_run = parse_args(argv)
         config.validate(cfg)
+        if dry_run:
+            return dry_run_report(cfg, pinned)
         distributed.initialize(cfg.distributed)
         stop.joined()
         if jax.process_index() == 0:
