@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     _run([
         py, "-m", "at1_jax.sample", "--checkpoint", run_dir, "--prompts-file",
-        os.path.join(shapes_dir, "held_out.txt"), "--num", "2", "--steps", "20",
+        os.path.join(shapes_dir, "held_out.txt"), "--num-images", "2", "--steps", "20",
         "--guidance", "5", "--seed", str(args.seed), "--out", gen_dir, "--batch-size", "48",
     ])  # fmt: skip
     timings["generate"] = time.perf_counter() - t

@@ -126,7 +126,7 @@ def generate(out: str, num: int, size: int = 32, held_out: int = 48, seed: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m at1_demo.synthetic_shapes", description=__doc__)
     p.add_argument("out")
-    p.add_argument("--num", type=int, default=4000)
+    p.add_argument("--num-images", "--num", dest="num", type=int, default=4000)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)

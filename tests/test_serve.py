@@ -162,7 +162,7 @@ def test_the_page_in_a_browser_shows_the_bytes_sample_writes(server, tmp_path):
         [
             "--checkpoint", server.ckpt, *server.model,
             "--prompt", "a red square", "--prompt", "a blue circle",
-            "--num", "2", "--seed", "5", "--steps", "3", "--batch-size", "4",
+            "--num-images", "2", "--seed", "5", "--steps", "3", "--batch-size", "4",
         ],
     )  # fmt: skip
     assert [png for *_, png in shown] == [written[f"{i:05d}.png"] for i in range(4)]

@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sampler", default="dpmpp2m", choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=11, help="image k of each prompt uses seed + k")
-    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument(
+        "--num-images", "--num", dest="num", type=int, default=4, help="images per prompt"
+    )
     p.add_argument(
         "--out",
         default="outputs/sample",
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     try:
         prompts = read_prompts(args.prompt, args.prompts_file)
         if args.num < 1 or args.batch_size < 1:
-            raise ValueError("--num and --batch-size must be >= 1")
+            raise ValueError("--num-images and --batch-size must be >= 1")
         sampler = SamplerConfig(
             steps=args.steps,
             guidance=args.guidance,

@@ -43,7 +43,14 @@ def sample_command(
     """A shell line: image k of each prompt from seed sampler.seed + k, at `batch_size`."""
     argv = ["python", "-m", "at1_jax.sample", *flags]
     argv += [f"--prompt={p}" for p in prompts]  # `=`: a prompt may start with "-"
-    argv += ["--num", str(num_images), "--seed", str(sampler.seed), "--steps", str(sampler.steps)]
+    argv += [
+        "--num-images",
+        str(num_images),
+        "--seed",
+        str(sampler.seed),
+        "--steps",
+        str(sampler.steps),
+    ]
     argv += ["--guidance", repr(float(sampler.guidance)), "--sampler", sampler.sampler]
     argv += ["--batch-size", str(batch_size)]
     return shlex.join(argv)
