@@ -5,26 +5,47 @@ then rejects it as a relative path (google/orbax#359), and it treats a step fold
 as complete by name alone (atomic-rename semantics, which object stores do not have).
 This module, the only one that touches orbax internals, routes:
 - array data to TensorStore's `s3` kvstore driver (endpoint and region from the
-  environment, which TensorStore itself ignores for the endpoint);
-- orbax's own metadata files through etils.epath → fsspec/s3fs (honours AWS_ENDPOINT_URL);
+  environment, which TensorStore itself ignores for the endpoint), with the retry budget
+  of `retries.RetryPolicy` in its context (its default retries for ~15 minutes);
+- orbax's own metadata files through etils.epath → fsspec/s3fs (honours AWS_ENDPOINT_URL),
+  on an s3fs filesystem whose requests retry within the same budget, one log line per retry;
 - atomicity through orbax's CommitFileTemporaryPath: a step is complete only once its
-  `commit_success.txt` exists, written last.
+  `commit_success.txt` exists, written last;
+- orbax's process barriers through `coordination.barrier` (deadline, and stops when any
+  process reports a failed save) instead of collectives that wait forever.
 Credentials stay in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/...).
 Tested with orbax-checkpoint 0.12.4 (pyproject pins <0.13).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 
 from etils import epath
+from etils.epath import backend
+from orbax.checkpoint._src.multihost import multihost
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from at1_jax.checkpointing import coordination, retries
+
 _S3_RE = re.compile(r"^s3:/+([^/]+)/?(.*)$")
-_installed = False
+_installed = {"s3": False, "barriers": False}
 _original = {}
+_policy = retries.RetryPolicy()
+
+
+def configure(policy: retries.RetryPolicy) -> None:
+    """The retry budget of S3 requests made from now on (process-wide)."""
+    global _policy
+    _policy = policy
+
+
+def policy() -> retries.RetryPolicy:
+    return _policy
 
 
 def is_s3(path) -> bool:
@@ -63,6 +84,7 @@ def kvstore_spec(url: str, folder: bool = True) -> dict:
         or "us-east-1",
         # Read keys from the environment only; this also silences ~/.aws/config lookups.
         "aws_credentials": {"type": "environment"},
+        "context": _policy.tensorstore_context(),
     }
     if endpoint():
         spec["endpoint"] = endpoint()
@@ -112,23 +134,116 @@ def _default_class(original_name):
     return choose
 
 
+def _retryable(error: BaseException) -> bool:
+    """Connection errors, timeouts and 5xx answers: the server may come back."""
+    import aiohttp
+    import botocore.exceptions as boto
+
+    transient = (
+        boto.ConnectionError,
+        boto.HTTPClientError,
+        aiohttp.ClientError,
+        ConnectionError,
+        TimeoutError,
+    )
+    seen, visited = error, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, transient):
+            return True
+        response = getattr(seen, "response", None) or {}
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@functools.cache
+def _retrying_filesystem_class():
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    class RetryingS3FileSystem(s3fs.S3FileSystem):
+        """s3fs whose every request retries within `policy()`; gives up naming the URL."""
+
+        retries = 1  # s3fs's own loop: one try, ours retries
+
+        async def _call_s3(self, method, *akwarglist, **kwargs):
+            key = kwargs.get("Key") or kwargs.get("Prefix") or ""
+            what = f"S3 {method} s3://{kwargs.get('Bucket', '')}/{key} at {endpoint()}"
+            call = super()._call_s3
+            try:
+                return await retries.retry_async(
+                    lambda: call(method, *akwarglist, **kwargs), _policy, what, _retryable
+                )
+            except retries.StorageUnavailable as e:
+                coordination.report_failure(str(e))
+                raise
+
+        # s3fs's synchronous twin (used by its file objects) wraps the base class method.
+        call_s3 = sync_wrapper(_call_s3)
+
+    return RetryingS3FileSystem
+
+
+@functools.cache
+def _checkpoint_filesystem(environment: str):
+    del environment  # the cache key: AWS_* variables are read when the client is made
+    return _retrying_filesystem_class()(
+        skip_instance_cache=True,
+        config_kwargs={
+            "connect_timeout": 5,
+            "read_timeout": 60,
+            "retries": {"total_max_attempts": 1},  # botocore's: one try, ours retries
+        },
+    )
+
+
+def _aws_environment() -> str:
+    names = sorted(k for k in os.environ if k.startswith("AWS_"))
+    return hashlib.sha256(repr([(k, os.environ[k]) for k in names]).encode()).hexdigest()
+
+
+def _etils_filesystem(name: str):
+    """etils.epath's filesystem for a protocol: ours for s3, etils' own otherwise."""
+    if name == "s3":
+        return _checkpoint_filesystem(_aws_environment())
+    return _original["etils_filesystem"](name)
+
+
 def refresh_clients() -> None:
     """Forget cached s3fs clients so a changed AWS_* environment (endpoint, keys) is used."""
     import s3fs
-    from etils.epath import backend
 
     s3fs.S3FileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()  # etils keeps its own cache
+    _checkpoint_filesystem.cache_clear()
+    type(backend.fsspec_backend)._get_filesystem.cache_clear()  # etils keeps its own cache
+
+
+def _sync_global_processes(name: str, *, timeout: int | None = None, **_):
+    coordination.barrier(name, timeout or multihost.coordination_timeout())
+
+
+def install_barriers() -> None:
+    """Route orbax's process barriers through `coordination` (idempotent)."""
+    if _installed["barriers"]:
+        return
+    _original["sync_global_processes"] = multihost.sync_global_processes
+    multihost.sync_global_processes = _sync_global_processes
+    _installed["barriers"] = True
 
 
 def install() -> None:
-    """Patch orbax (idempotent): s3 kvstore specs and commit-file atomicity for s3:// paths."""
-    global _installed
-    if _installed:
+    """Patch orbax (idempotent): s3 kvstore specs, commit-file atomicity, retrying s3fs."""
+    install_barriers()
+    if _installed["s3"]:
         return
     _original["build_kvstore_tspec"] = ts_utils.build_kvstore_tspec
     ts_utils.build_kvstore_tspec = _build_kvstore_tspec
     for name in ("get_default_temporary_path_class", "get_item_default_temporary_path_class"):
         _original[name] = getattr(atomicity_defaults, name)
         setattr(atomicity_defaults, name, _default_class(name))
-    _installed = True
+    _original["etils_filesystem"] = backend.fsspec_backend._get_filesystem
+    backend.fsspec_backend._get_filesystem = _etils_filesystem  # an instance attribute
+    _installed["s3"] = True
