@@ -6,7 +6,9 @@ import dataclasses
 import re
 from typing import Any
 
-DEFAULT_ALLOWED = ("cc0", "pdm", "cc-by", "cc-by-sa")
+from at1_io.constants import DEFAULT_ALLOWED_LICENSES
+
+DEFAULT_ALLOWED = DEFAULT_ALLOWED_LICENSES  # defined once for both halves (the trainer's gate)
 # Every id normalise() can return; --licenses is checked against this list.
 CANONICAL = (
     "cc0",

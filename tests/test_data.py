@@ -152,3 +152,95 @@ def test_unreachable_storage_stops_the_stream_instead_of_skipping(
     assert f"cannot read shard {s3_env.url(request.node.name)}/shards/" in str(err.value)
     assert "EndpointConnectionError" in str(err.value) and "No shard was skipped" in str(err.value)
     assert stream.skipped_shards == {}  # a storage outage is not a bad shard
+
+
+def test_batches_count_what_was_taken_by_licence_and_source(tmp_path):
+    make_dataset(str(tmp_path), shards=4, per_shard=5, licenses=("cc0", "cc-by", "cc-by-nc"))
+    ds = data.open_dataset(str(tmp_path))
+    streams = data.local_streams(ds, 2, seed=1, block=2, process=0, processes=1)
+    # The samples of the first two batches, straight from the streams: 2 × 3 per stream.
+    taken = [s for st in streams for s, _ in itertools.islice(st.iterate(data.Position()), 6)]
+    licenses = {}
+    for s in taken:
+        licenses[s[data.LICENSE_KEY]] = licenses.get(s[data.LICENSE_KEY], 0) + 1
+    reader = data.BatchReader(streams, 3, [data.Position()] * 2, prefetch=3)
+    try:
+        assert reader.consumed == data.Consumed()
+        reader.next()
+        assert reader.consumed.samples == 6
+        reader.next()
+        # Batches read ahead by the thread are not counted until they are taken.
+        assert reader.consumed == data.Consumed(12, licenses, {"synthetic": 12})
+        assert sum(licenses.values()) == 12 and set(licenses) <= {"cc0", "cc-by", "cc-by-nc"}
+    finally:
+        reader.close()
+
+
+def test_consumed_counts_add_and_round_trip_through_json():
+    a = data.Consumed(3, {"cc0": 2, "unknown": 1}, {"s1": 3})
+    b = data.Consumed(2, {"cc0": 2}, {"s2": 2})
+    total = a.plus(b)
+    assert total == data.Consumed(5, {"cc0": 4, "unknown": 1}, {"s1": 3, "s2": 2})
+    assert data.Consumed.from_dict(json.loads(json.dumps(total.to_dict()))) == total
+    assert data.Consumed.from_dict(None) == data.Consumed()  # a checkpoint from before counting
+    assert data.gather_consumed(total) == total  # one process: nothing to add
+    with pytest.raises(data.DataError, match=r"'consumed' is not \{samples, licenses, sources\}"):
+        data.Consumed.from_dict({"samples": 1, "licenses": {"cc0": "1"}, "sources": {}})
+
+
+def strip_provenance(root):
+    """Rewrite a synthetic data set as the data stage wrote it before licences and sources."""
+    path = os.path.join(root, schema.MANIFEST_NAME)
+    m = json.loads(open(path).read())
+    manifest = schema.load_manifest(open(path).read())
+    shards = []
+    for shard, raw in zip(manifest.shards, m["shards"], strict=True):
+        file = os.path.join(root, shard.path)
+        samples = list(schema.iter_shard_samples(open(file, "rb").read(), shard.name))
+        for s in samples:
+            s["json"] = {"index": s["json"]["index"]}
+        with open(file, "wb") as f:
+            schema.write_shard(f, samples)
+        blob = open(file, "rb").read()
+        raw.update(sha256=schema.sha256_bytes(blob), size_bytes=len(blob))
+        raw.pop("source")
+        shards.append(raw)
+    for key in ("sources", "splits", "val_shards"):
+        m.pop(key, None)
+    m.update(shards=shards, licenses={})
+    open(path, "w").write(json.dumps(m))
+
+
+def test_samples_without_licence_or_source_records_count_as_unknown(tmp_path):
+    make_dataset(str(tmp_path), shards=2, per_shard=3)
+    strip_provenance(str(tmp_path))
+    ds = data.open_dataset(str(tmp_path))
+    streams = data.local_streams(ds, 1, seed=0, block=2, process=0, processes=1)
+    reader = data.BatchReader(streams, 6, [data.Position()], prefetch=1)
+    try:
+        reader.next()
+        assert reader.consumed == data.Consumed(6, {"unknown": 6}, {"unknown": 6})
+    finally:
+        reader.close()
+    assert data.training_licenses(ds) == {"unknown": 6}
+    assert data.check_licenses(ds, frozenset({"cc0", "unknown"})) == {"unknown": 6}
+    with pytest.raises(data.DataError) as err:
+        data.check_licenses(ds, frozenset({"cc0", "cc-by"}))
+    msg = str(err.value)
+    assert "config.data.licenses=cc-by,cc0 does not allow: unknown (6 samples)" in msg
+    assert "refused unless data.licenses includes unknown" in msg
+    assert msg.endswith("--config.data.licenses=cc-by,cc0,unknown")
+
+
+def test_licences_outside_the_allowed_set_are_named_with_the_override(tmp_path):
+    make_dataset(str(tmp_path), shards=2, per_shard=4, val_shards=1, licenses=("cc0", "cc-by-nc"))
+    ds = data.open_dataset(str(tmp_path))
+    # The training split only (8 samples); the held-out shard is not trained on.
+    assert data.training_licenses(ds) == {"cc-by-nc": 4, "cc0": 4}
+    with pytest.raises(data.DataError) as err:
+        data.check_licenses(ds, frozenset({"cc0", "pdm", "cc-by", "cc-by-sa"}))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path}/manifest.json: the training split holds licences")
+    assert "does not allow: cc-by-nc (4 samples)" in msg and "unknown" not in msg
+    assert msg.endswith("--config.data.licenses=cc-by,cc-by-nc,cc-by-sa,cc0,pdm")
+    assert data.check_licenses(ds, frozenset({"cc0", "cc-by-nc"})) == {"cc-by-nc": 4, "cc0": 4}

@@ -19,6 +19,7 @@ from typing import Any
 import tyro
 from tyro import _errors as tyro_errors  # experimental parse-failure hook: tyro pinned exactly
 
+from at1_io.constants import DEFAULT_ALLOWED_LICENSES, UNKNOWN_LICENSE
 from at1_jax.model.denoiser import DenoiserConfig
 from at1_jax.model.objective import ObjectiveConfig
 from at1_jax.model.presets import PRESETS, get_preset
@@ -40,6 +41,12 @@ class DataConfig:
     prefetch: int = 2  # batches read ahead by the background thread
     text_array: str = ""  # "" = the manifest's first *_pooled array
     latent_scale: float = 0.0  # 0 = auto: 1/8 for VAE latents (the reference), 1 for pixels
+    # Validation data: "" = the data set's own held-out split (val/); else another data set
+    # root whose val/ split, or if it has none its training shards, is the validation set.
+    val_path: str = ""
+    # Licences the training split may carry, comma-separated (add "unknown" to train on data
+    # without licence records); default: the data stage's default allow-list.
+    licenses: str = ",".join(DEFAULT_ALLOWED_LICENSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,9 @@ class LogConfig:
     sample_guidance: float = 4.5
     num_samples: int = 8
     vae: str = ""  # "" = the dataset manifest's VAE; "none" = latent previews only
+    val_every: int = 1000  # validation loss every N steps and at the end; 0 = never
+    val_samples: int = 256  # the first N samples of the validation split (fixed subset)
+    val_bins: int = 5  # noise levels: the centres of N equal bins of sigma in (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +140,11 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A config file, override or value that cannot be used."""
+
+
+def allowed_licenses(text: str) -> frozenset[str]:
+    """The licence ids of a `data.licenses` value (comma-separated, case-insensitive)."""
+    return frozenset(p.strip().lower() for p in text.split(",") if p.strip())
 
 
 def load_file(path: str) -> TrainConfig:
@@ -304,6 +319,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.prefetch >= 1, "data.prefetch", ">= 1")
     need(cfg.data.streams >= 0, "data.streams", ">= 0 (0 = one per process)")
     need(cfg.data.latent_scale >= 0, "data.latent_scale", ">= 0 (0 = auto)")
+    need(
+        bool(allowed_licenses(cfg.data.licenses)),
+        "data.licenses",
+        f"comma-separated licence ids (e.g. {','.join(DEFAULT_ALLOWED_LICENSES)}; add "
+        f"{UNKNOWN_LICENSE} for data without licence records)",
+    )
     o = cfg.optim
     need(o.lr > 0, "optim.lr", "> 0")
     need(0 <= o.b1 < 1, "optim.b1", "in [0, 1)")
@@ -323,6 +344,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.log.every >= 1, "log.every", ">= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", ">= 0")
     need(cfg.log.num_samples >= 1, "log.num_samples", ">= 1")
+    need(cfg.log.val_every >= 0, "log.val_every", ">= 0 (0 = no validation loss)")
+    need(cfg.log.val_samples >= 1, "log.val_samples", ">= 1")
+    need(cfg.log.val_bins >= 1, "log.val_bins", ">= 1")
     need(
         cfg.distributed.initialize in ("auto", "always", "never"),
         "distributed.initialize",

@@ -10,20 +10,29 @@ per stream names the next sample exactly, so a resumed run sees what it would ha
 Shard bytes are checked against the manifest's size and sha256: a corrupt, truncated,
 half-written or missing shard is skipped whole, with a warning, and counted. Storage that
 cannot be read (S3 unreachable, access denied, I/O errors) stops the run instead.
+
+Provenance: every batch carries the running count, by normalised licence and by source (the
+shard's input), of the samples its process has taken (`Consumed`); the trainer saves the
+counts of what it trained on with each checkpoint. `check_licenses` refuses a training split
+that holds licences outside the allowed set; samples without licence records are "unknown".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import threading
 from collections.abc import Iterator
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from at1_io import schema, storage
-from at1_io.constants import PIXEL, REFERENCE_LATENT_SCALE
+from at1_io.constants import PIXEL, REFERENCE_LATENT_SCALE, UNKNOWN_LICENSE
+from at1_jax.train.distributed import allgather_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +111,114 @@ def open_dataset(root: str, text_array: str = "", latent_scale: float = 0.0) -> 
     return Dataset(root, manifest, latent, name, float(latent_scale))
 
 
+# Per-sample provenance kept beside the arrays (names no manifest array can have).
+LICENSE_KEY, SOURCE_KEY = "__license__", "__source__"
+
+
+def sample_license(meta: dict) -> str:
+    """A sample's normalised licence from its json; "unknown" when it has none."""
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) and value else UNKNOWN_LICENSE
+
+
+def _add(counts: dict[str, int], other: dict[str, int]) -> dict[str, int]:
+    out = dict(counts)
+    for k, v in other.items():
+        out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumed:
+    """Samples trained on, by normalised licence and by source (the input of their shard)."""
+
+    samples: int = 0
+    licenses: dict[str, int] = dataclasses.field(default_factory=dict)
+    sources: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def plus(self, other: Consumed) -> Consumed:
+        return Consumed(
+            self.samples + other.samples,
+            _add(self.licenses, other.licenses),
+            _add(self.sources, other.sources),
+        )
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "licenses": self.licenses, "sources": self.sources}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = "checkpoint metadata") -> Consumed:
+        """Counts saved by `to_dict`; None (a checkpoint written before counting) is empty."""
+        if d is None:
+            return cls()
+        ok = isinstance(d, dict) and isinstance(d.get("samples"), int)
+        for part in ("licenses", "sources"):
+            counts = d.get(part) if isinstance(d, dict) else None
+            ok = ok and isinstance(counts, dict)
+            ok = ok and all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items())
+        if not ok:
+            raise DataError(f"{where}: 'consumed' is not {{samples, licenses, sources}}: {d!r}")
+        return cls(d["samples"], _add({}, d["licenses"]), _add({}, d["sources"]))
+
+
+def count_samples(samples: list[dict]) -> Consumed:
+    """The provenance of samples read by a ShardStream."""
+    licenses: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    for s in samples:
+        licenses[s[LICENSE_KEY]] = licenses.get(s[LICENSE_KEY], 0) + 1
+        sources[s[SOURCE_KEY]] = sources.get(s[SOURCE_KEY], 0) + 1
+    return Consumed(len(samples), _add({}, licenses), _add({}, sources))
+
+
+def gather_consumed(local: Consumed) -> Consumed:
+    """The sum of every process's counts (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return local
+    blob = np.frombuffer(json.dumps(local.to_dict()).encode(), np.uint8)
+    sizes = [row[0] for row in allgather_rows([blob.size])]
+    padded = np.zeros(max(sizes), np.uint8)
+    padded[: blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    total = Consumed()
+    for row, size in zip(rows, sizes, strict=True):
+        total = total.plus(Consumed.from_dict(json.loads(row[:size].tobytes())))
+    return total
+
+
+def training_licenses(ds: Dataset) -> dict[str, int]:
+    """Training-split samples by licence; what the manifest does not account for is "unknown"."""
+    counts = {k: v for k, v in ds.manifest.totals(schema.TRAIN).licenses.items() if v}
+    missing = ds.manifest.num_samples - sum(counts.values())
+    if missing > 0:  # written before licences were recorded, or its split totals are absent
+        counts[UNKNOWN_LICENSE] = counts.get(UNKNOWN_LICENSE, 0) + missing
+    return dict(sorted(counts.items()))
+
+
+def check_licenses(ds: Dataset, allowed: frozenset[str]) -> dict[str, int]:
+    """The training split's licence counts; a DataError if any is outside `allowed`."""
+    counts = training_licenses(ds)
+    refused = {k: v for k, v in counts.items() if k not in allowed}
+    if not refused:
+        return counts
+    listed = ", ".join(f"{k} ({v} samples)" for k, v in refused.items())
+    text = (
+        f"{storage.join(ds.root, schema.MANIFEST_NAME)}: the training split holds licences "
+        f"that config.data.licenses={','.join(sorted(allowed))} does not allow: {listed}."
+    )
+    if UNKNOWN_LICENSE in refused:
+        text += (
+            f" '{UNKNOWN_LICENSE}' counts samples without licence records (a data set written "
+            "before the data stage recorded licences, or encoded with --licenses any): they "
+            f"are refused unless data.licenses includes {UNKNOWN_LICENSE}."
+        )
+    widened = ",".join(sorted(allowed | set(refused)))
+    raise DataError(
+        f"{text} Re-encode with data_prep.encode --licenses (it drops other licences), or, "
+        f"if you hold the rights to train on them, pass --config.data.licenses={widened}"
+    )
+
+
 class ShardStream:
     """One reading stream's endless, deterministic sequence of samples."""
 
@@ -128,8 +245,13 @@ class ShardStream:
         try:
             data = storage.read_bytes(url)
             schema.verify_shard_bytes(data, shard)
+            source = shard.source or UNKNOWN_LICENSE  # shards written before sources: unknown
             return [
-                {k: s[k] for k in self.fields}
+                {
+                    **{k: s[k] for k in self.fields},
+                    LICENSE_KEY: sample_license(s[schema.META_FIELD]),
+                    SOURCE_KEY: source,
+                }
                 for s in schema.iter_shard_samples(data, shard.name, self.ds.manifest)
             ]
         except (FileNotFoundError, schema.SchemaError) as e:  # the shard itself is bad
@@ -198,11 +320,13 @@ class BatchReader:
     """Local batches read ahead by a background thread; `positions` are of what was taken.
 
     Each local batch is the concatenation of `per_stream` samples from each hosted stream.
+    `consumed` counts the samples of the batches taken so far (not those read ahead).
     """
 
     def __init__(self, streams, per_stream: int, start: list[Position], prefetch: int):
         self.streams, self.per_stream = streams, per_stream
         self.positions = list(start)
+        self.consumed = Consumed()
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(list(start),), daemon=True)
@@ -218,13 +342,14 @@ class BatchReader:
     def _run(self, start: list[Position]):
         try:
             iters = [s.iterate(p) for s, p in zip(self.streams, start, strict=True)]
-            positions = list(start)
+            positions, consumed = list(start), Consumed()
             while not self._stop.is_set():
                 samples = []
                 for i, it in enumerate(iters):
                     taken, positions[i] = self._take(it, positions[i])
                     samples += taken
-                item = (_stack(samples, self.streams[0].ds), list(positions))
+                consumed = consumed.plus(count_samples(samples))
+                item = (_stack(samples, self.streams[0].ds), list(positions), consumed)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -239,7 +364,7 @@ class BatchReader:
         item = self._queue.get()
         if isinstance(item, Exception):
             raise item
-        batch, self.positions = item
+        batch, self.positions, self.consumed = item
         return batch
 
     @property

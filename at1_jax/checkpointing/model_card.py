@@ -1,0 +1,393 @@
+"""Model cards: what a set of weights is and what it was trained on, beside the weights.
+
+Every weights folder the project writes (end of training, `convert import`) holds
+`model_card.json` (for tools) and `model_card.md` (for people, rendered from the JSON):
+architecture and parameter count, the training config (secrets removed), steps and samples
+seen, the data sets (roots, sample counts, licences of what was consumed, captioner and
+prompt, autoencoder, text encoders), the last validation loss, evaluation results (added by
+`python -m at1_jax.evaluate`), the parent weights of a fine-tune (with their card), the date
+and software versions, and a licence statement. A checkpoint's metadata holds the same facts:
+`from_training_meta` builds the card of a run's latest step the same way as its export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import tempfile
+from typing import Any
+
+from flax import nnx
+
+from at1_io import storage
+from at1_io.constants import UNKNOWN_LICENSE
+from at1_jax.model.denoiser import Denoiser, DenoiserConfig, count_params
+from at1_jax.model.torch_names import preset_name
+from at1_jax.model.weights import config_from_dict
+
+CARD_VERSION = 1
+JSON_FILE = "model_card.json"
+MARKDOWN_FILE = "model_card.md"
+SOFTWARE = ("at1-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+REDACTED = "<redacted>"
+# Words that mark a config key or environment variable as a secret (AWS_SECRET_ACCESS_KEY,
+# WANDB_API_KEY, HF_TOKEN): such values never reach a card.
+_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "credentials"})
+_URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+# Licences that oblige users of the images to credit their authors.
+_ATTRIBUTION = ("cc-by", "cc-by-sa")
+
+
+class CardError(ValueError):
+    """A model card that cannot be read; the message names the file."""
+
+
+def parameter_count(cfg: DenoiserConfig) -> int:
+    """Trainable scalars of a model of this config (computed from shapes, nothing allocated)."""
+    return count_params(nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0))))
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the packages that produced the weights."""
+    found = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_SECRET_WORDS & set(re.split(r"[^a-z]+", name.lower())))
+
+
+def _secret_values() -> list[str]:
+    """Values of environment variables whose names say they hold secrets (keys, tokens)."""
+    # Short values ("1", "true") are settings, not secrets, and would mangle the card.
+    return [v for k, v in os.environ.items() if _secret_name(k) and len(v) >= 8]
+
+
+def scrub(value: Any, secrets: list[str] | None = None) -> Any:
+    """`value` without secrets: secret-named keys, URL user:password parts, env secret values."""
+    secrets = _secret_values() if secrets is None else secrets
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if _secret_name(str(k)) else scrub(v, secrets) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub(r"\1", value)
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def _model_section(cfg: DenoiserConfig) -> dict:
+    return {
+        "architecture": dataclasses.asdict(cfg),
+        "preset": preset_name(cfg),
+        "parameters": parameter_count(cfg),
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _share(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return ", ".join(
+        f"{k} {v:,} ({100 * v / total:.1f}%)"
+        for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+
+
+def licence_statement(consumed: dict[str, int] | None, parent: dict | None) -> str:
+    """Which licences the training data carried, in words (the parent's data included)."""
+    if consumed:
+        text = (
+            f"The images these weights were trained on carried these licences (samples "
+            f"consumed by training, resumes counted once): {_share(consumed)}."
+        )
+        if UNKNOWN_LICENSE in consumed:
+            text += (
+                f" '{UNKNOWN_LICENSE}': samples without a licence record in their data set; "
+                "their terms are not known."
+            )
+        credit = [k for k in _ATTRIBUTION if k in consumed]
+        if credit:
+            text += (
+                f" {', '.join(credit)} require crediting the authors: each sample's source and "
+                "licence are in its data set's shards (json)."
+            )
+    else:
+        text = (
+            "The licences of the training data are not recorded (unknown): these weights "
+            "came from outside this project's trainer or from a run that predates licence "
+            "counting."
+        )
+    if parent:
+        inherited = (parent.get("card") or {}).get("licenses", {}).get("statement")
+        text += f" Fine-tuned from {parent.get('path')}: " + (
+            f"its card says: {inherited}" if inherited else "its training data is unknown."
+        )
+    return text
+
+
+def from_training_meta(meta: dict, created: str | None = None) -> dict:
+    """The card of the weights a checkpoint holds, from its metadata (config, data, counts)."""
+    config = meta.get("config") or {}
+    cfg = config_from_dict(config.get("model"), "checkpoint metadata config.model")
+    dataset = meta.get("dataset") or {}
+    consumed = meta.get("consumed") or {}
+    parent = meta.get("parent")
+    allowed = [s for s in str((config.get("data") or {}).get("licenses", "")).split(",") if s]
+    data_record = {
+        "root": dataset.get("root"),
+        "train_samples": dataset.get("num_samples"),
+        "val_samples": dataset.get("val_num_samples"),
+        "licenses": dataset.get("licenses"),  # of the whole training split
+        "sources": dataset.get("sources"),
+        "consumed": consumed or None,  # what training took from it
+        "captioning": dataset.get("captioning"),
+        "autoencoder": dataset.get("autoencoder"),
+        "text_encoders": dataset.get("text_encoders"),
+        "text_array": dataset.get("text_array"),
+        "latent_scale": dataset.get("latent_scale"),
+    }
+    card = {
+        "card_version": CARD_VERSION,
+        "name": config.get("name"),
+        "created": created or _now(),
+        "software": software_versions(),
+        "origin": {"kind": "trained", "run_dir": config.get("run_dir")},
+        "model": _model_section(cfg),
+        "training": {
+            "steps": meta.get("step"),
+            "samples_seen": consumed.get("samples"),
+            "batch_size": (config.get("data") or {}).get("batch_size"),
+            "seed": config.get("seed"),
+            "config": config,
+        },
+        "data": [data_record],
+        "licenses": {
+            "consumed": consumed.get("licenses"),
+            "allowed": allowed,
+            "statement": licence_statement(consumed.get("licenses"), parent),
+        },
+        "validation": meta.get("validation"),
+        "evaluations": [],
+        "parent": parent,
+    }
+    return finish(card)
+
+
+def imported_card(cfg: DenoiserConfig, source: str, carried: dict | None = None) -> dict:
+    """The card of weights converted from a file: the card it carries (our export), or unknown."""
+    if carried:
+        card = dict(carried)
+        card["origin"] = {"kind": "imported", "from": source, "before": carried.get("origin")}
+        card["model"] = _model_section(cfg)
+        card["software"] = software_versions()
+        return finish(card)
+    card = {
+        "card_version": CARD_VERSION,
+        "name": os.path.basename(source),
+        "created": _now(),
+        "software": software_versions(),
+        "origin": {"kind": "imported", "from": source},
+        "model": _model_section(cfg),
+        "training": None,
+        "data": [],
+        "licenses": {"consumed": None, "allowed": None, "statement": licence_statement(None, None)},
+        "validation": None,
+        "evaluations": [],
+        "parent": None,
+    }
+    return finish(card)
+
+
+def parent_record(path: str, card: dict | None) -> dict:
+    """What a fine-tune records of the weights it started from."""
+    return {
+        "path": path,
+        "summary": card.get("summary") if card else f"{path}: no model card (unknown data)",
+        "card": card,
+    }
+
+
+def _architecture(model: dict) -> str:
+    a = model.get("architecture") or {}
+    shape = f"{a.get('block')} width {a.get('width')} depth {a.get('depth')}"
+    preset = f"{model['preset']}, " if model.get("preset") else ""
+    return f"{preset}{shape} ({model.get('parameters', 0):,} parameters)"
+
+
+def summary(card: dict) -> str:
+    """One line: what the weights are, how much data under which licences, the last loss."""
+    parts = [f"{card.get('name')}: {_architecture(card.get('model') or {})}"]
+    origin = card.get("origin") or {}
+    training = card.get("training")
+    if training:
+        roots = ", ".join(str(d.get("root")) for d in card.get("data") or [])
+        samples = training.get("samples_seen")
+        seen = f"{samples:,} samples" if isinstance(samples, int) else "samples not counted"
+        parts.append(f"{training.get('steps')} steps, {seen} from {roots}")
+    if origin.get("kind") == "imported":
+        parts.append(f"imported from {origin.get('from')}")
+    consumed = (card.get("licenses") or {}).get("consumed")
+    parts.append(
+        "licences " + ", ".join(f"{k} {v:,}" for k, v in sorted(consumed.items()))
+        if consumed
+        else "training data licences unknown"
+    )
+    val = card.get("validation")
+    if val:
+        parts.append(f"val loss (EMA) {val['val_loss_ema']:.4f} at step {val['step']}")
+    if card.get("parent"):
+        parts.append(f"fine-tuned from {card['parent'].get('path')}")
+    return "; ".join(parts)
+
+
+def finish(card: dict) -> dict:
+    """The card with its summary line set and every secret removed."""
+    card = scrub(card)
+    card["summary"] = summary(card)
+    return card
+
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    lines = ["| | |", "|---|---|"]
+    return lines + [f"| {k} | {v} |" for k, v in rows if v not in (None, "", [], {})]
+
+
+def _counts(counts: dict | None) -> str:
+    return _share(counts) if counts else "unknown"
+
+
+def render_markdown(card: dict) -> str:
+    """The card for people: the same facts as the JSON."""
+    model, training = card.get("model") or {}, card.get("training")
+    lines = [f"# Model card: {card.get('name')}", "", card.get("summary", ""), "", "## Model", ""]
+    lines += _table(
+        [
+            ("architecture", _architecture(model)),
+            ("config", f"`{json.dumps(model.get('architecture'), sort_keys=True)}`"),
+            ("origin", f"`{json.dumps(card.get('origin'), sort_keys=True)}`"),
+            ("created", card.get("created")),
+            ("software", ", ".join(f"{k} {v}" for k, v in (card.get("software") or {}).items())),
+        ]
+    )
+    lines += ["", "## Licences", "", card["licenses"]["statement"], ""]
+    if card["licenses"].get("allowed"):
+        lines += [f"Allowed by the training config: {', '.join(card['licenses']['allowed'])}.", ""]
+    lines += ["## Training", ""]
+    if training:
+        lines += _table(
+            [
+                ("steps", training.get("steps")),
+                ("samples seen", training.get("samples_seen")),
+                ("batch size", training.get("batch_size")),
+                ("seed", training.get("seed")),
+            ]
+        )
+        config = json.dumps(training.get("config"), indent=2, sort_keys=True)
+        lines += ["", "Training config (secrets removed):", "", "```json", config, "```"]
+    else:
+        lines += ["Not recorded: these weights were not trained by this project's trainer."]
+    lines += ["", "## Data", ""]
+    for d in card.get("data") or []:
+        captioning = d.get("captioning") or {}
+        lines += [f"### {d.get('root')}", ""]
+        lines += _table(
+            [
+                ("training split samples", d.get("train_samples")),
+                ("validation split samples", d.get("val_samples")),
+                ("samples consumed", (d.get("consumed") or {}).get("samples")),
+                ("licences consumed", _counts((d.get("consumed") or {}).get("licenses"))),
+                ("sources consumed", _counts((d.get("consumed") or {}).get("sources"))),
+                ("licences of the training split", _counts(d.get("licenses"))),
+                ("captioner", captioning.get("model") or "none (captions as given)"),
+                ("captioner prompt", captioning.get("prompt")),
+                ("autoencoder", f"`{json.dumps(d.get('autoencoder'), sort_keys=True)}`"),
+                ("text encoders", f"`{json.dumps(d.get('text_encoders'), sort_keys=True)}`"),
+                ("text array", d.get("text_array")),
+                ("latent scale", d.get("latent_scale")),
+            ]
+        )
+        lines.append("")
+    if not card.get("data"):
+        lines += ["Not recorded (unknown).", ""]
+    lines += ["## Validation", ""]
+    val = card.get("validation")
+    if val:
+        lines += [
+            f"x0-loss at step {val['step']} on {json.dumps(val.get('set'))}, noise levels "
+            f"{', '.join(val.get('bins') or [])} (fixed noise seeds):",
+            "",
+            "| weights | mean | " + " | ".join(val.get("bins") or []) + " |",
+            "|---|---|" + "---|" * len(val.get("bins") or []),
+        ]
+        for label, key in (("EMA", "val_loss_ema"), ("live", "val_loss")):
+            cells = [f"{val.get(f'{key}_{b}', float('nan')):.5f}" for b in val.get("bins") or []]
+            lines.append(f"| {label} | {val[key]:.5f} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("No validation loss recorded.")
+    lines += ["", "## Evaluations", ""]
+    for e in card.get("evaluations") or []:
+        lines.append(f"- {e.get('date')} {e.get('kind')}: `{json.dumps(e.get('results'))}`")
+    if not card.get("evaluations"):
+        lines.append("None yet (`python -m at1_jax.evaluate` adds its results here).")
+    parent = card.get("parent")
+    lines += ["", "## Parent", "", parent["summary"] if parent else "None: trained from scratch."]
+    return "\n".join(lines) + "\n"
+
+
+def write(directory: str, card: dict) -> None:
+    """Writes model_card.json and model_card.md into a weights folder (local or s3://)."""
+    card = finish(card)
+    files = {
+        JSON_FILE: json.dumps(card, indent=2, sort_keys=True) + "\n",
+        MARKDOWN_FILE: render_markdown(card),
+    }
+    for name, text in files.items():
+        url = storage.join(directory, name)
+        if storage.is_s3(directory):
+            storage.put_bytes(text.encode(), url, tempfile.gettempdir())
+            continue
+        tmp = f"{url}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, url)
+
+
+def read(directory: str) -> dict | None:
+    """The card of a weights folder (local or s3://); None if it has none."""
+    url = storage.join(directory, JSON_FILE)
+    if not storage.exists(url):
+        return None
+    try:
+        card = json.loads(storage.read_bytes(url))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CardError(f"{url}: not a JSON model card ({e}); delete it or re-export") from e
+    if not isinstance(card, dict) or not isinstance(card.get("card_version"), int):
+        raise CardError(f"{url}: not a model card (no card_version)")
+    return card
+
+
+def add_evaluation(directory: str, kind: str, results: dict) -> dict | None:
+    """Appends an evaluation to a weights folder's card; None if the folder has no card."""
+    card = read(directory)
+    if card is None:
+        return None
+    entry = {"date": _now(), "kind": kind, "results": results}
+    card["evaluations"] = [*(card.get("evaluations") or []), entry]
+    write(directory, card)
+    return card
