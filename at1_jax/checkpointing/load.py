@@ -12,7 +12,7 @@ from flax import nnx
 
 from at1_io import storage
 from at1_io.dataset_facts import generation_facts
-from at1_jax.checkpointing import checkpoints
+from at1_jax.checkpointing import checkpoints, model_card
 from at1_jax.model import weights
 from at1_jax.model.denoiser import Denoiser
 
@@ -69,7 +69,25 @@ def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, di
     restored, _ = checkpoints.restore_params(folder, abstract)
     model = nnx.merge(graphdef, restored["params"], restored["buffers"])
     facts = generation_facts(meta.get("dataset") or {}, cfg.text_dim)
-    return model, {"source": "checkpoint", "step": step, **facts}
+    card = model_card.from_training_meta(meta)  # what its export at this step would carry
+    return model, {"source": "checkpoint", "step": step, **facts, **_card_facts(card)}
+
+
+def _card_facts(card: dict | None, where: str = "") -> dict[str, Any]:
+    if card is None:
+        summary = (
+            f"{where}: no model card (written before model cards, or copied without "
+            f"{model_card.JSON_FILE}): its training data and licences are unknown"
+        )
+        return {"model_card": None, "summary": summary}
+    return {"model_card": card, "summary": card.get("summary") or model_card.summary(card)}
+
+
+def _read_card(path: str) -> dict[str, Any]:
+    try:
+        return _card_facts(model_card.read(path), path)
+    except model_card.CardError as e:  # the weights are still usable: say so, do not stop
+        return {"model_card": None, "summary": f"{e}: training data and licences unknown"}
 
 
 def load_model(
@@ -83,7 +101,9 @@ def load_model(
     `numerics` override compute settings (dtype, remat…), never the architecture.
     Facts: source, path, step, text_encoder, vae, latent_scale, latent_shift (None = unknown),
     from the checkpoint's record of its data set, or a weights folder's dataset.json
-    (the trainer's record) or manifest.json (a data set manifest put next to the weights).
+    (the trainer's record) or manifest.json (a data set manifest put next to the weights);
+    model_card (the folder's card, or the one a checkpoint's metadata gives; None without)
+    and summary (its one line, or why there is none).
     """
     facts: dict[str, Any] = dict.fromkeys(
         ("step", "text_encoder", "vae", "latent_scale", "latent_shift")
@@ -106,4 +126,4 @@ def load_model(
         if os.path.isfile(record):
             with open(record) as f:
                 facts.update(generation_facts(json.load(f), model.cfg.text_dim))
-    return model, facts
+    return model, {**facts, **_read_card(path)}
