@@ -13,8 +13,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
+from test_model_card import training_meta
 
 from at1_jax import convert as convert_cli
+from at1_jax.checkpointing import model_card
 from at1_jax.model import torch_names as convert
 from at1_jax.model import weights
 from at1_jax.model.denoiser import Denoiser
@@ -259,3 +261,41 @@ def test_weights_folder_errors(tmp_path):
     (tmp_path / weights.CONFIG_FILE).write_text(__import__("json").dumps({**cfg, "colour": 1}))
     with pytest.raises(ValueError, match=r"unknown model config fields \['colour'\]"):
         weights.load(str(tmp_path))
+
+
+def test_import_and_export_carry_the_model_card(tmp_path, capsys):
+    # A plain PyTorch checkpoint: the card says what is not known.
+    torch.save(_reference("prenorm").state_dict(), tmp_path / "ck.pth")
+    args = ["import", str(tmp_path / "ck.pth"), str(tmp_path / "plain"), "--variant", "prenorm"]
+    assert convert_cli.main(args) == 0
+    card = model_card.read(str(tmp_path / "plain"))
+    assert card["origin"] == {"kind": "imported", "from": str(tmp_path / "ck.pth")}
+    assert card["model"]["architecture"] == dataclasses.asdict(
+        weights.load_config(str(tmp_path / "plain"))
+    )
+    assert card["training"] is None and card["licenses"]["consumed"] is None
+    assert f"model card: {card['summary']}" in capsys.readouterr().out
+    assert (tmp_path / "plain" / model_card.MARKDOWN_FILE).is_file()
+    # A trained folder's card travels in the exported file's header and beside it, and comes
+    # back with the weights on import.
+    cfg = dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, depth=2, text_dim=32)
+    _random_weights_folder(cfg, tmp_path / "trained")
+    trained = model_card.from_training_meta(training_meta())
+    model_card.write(str(tmp_path / "trained"), trained)
+    out = str(tmp_path / "t.safetensors")
+    assert convert_cli.main(["export", str(tmp_path / "trained"), out]) == 0
+    with safe_open(out, framework="np") as f:
+        header = json.loads(f.metadata()[convert.CARD_METADATA])
+    beside = json.loads((tmp_path / "t.model_card.json").read_text())
+    assert header == beside and (tmp_path / "t.model_card.md").is_file()
+    assert beside["origin"] == {
+        "kind": "exported", "from": str(tmp_path / "trained"), "before": trained["origin"]
+    }  # fmt: skip
+    assert convert_cli.main(["import", out, str(tmp_path / "back")]) == 0
+    back = model_card.read(str(tmp_path / "back"))
+    for field in ("name", "training", "data", "licenses", "validation", "parent"):
+        assert back[field] == trained[field], field
+    assert back["origin"] == {"kind": "imported", "from": out, "before": beside["origin"]}
+    assert back["summary"] == trained["summary"].replace(
+        "; licences", f"; imported from {out}; licences"
+    )

@@ -130,7 +130,7 @@ def test_write_read_markdown_and_evaluations(tmp_path):
 
 
 def test_imported_cards_say_what_is_unknown_or_carry_the_exported_card():
-    bare = model_card.imported_card(MODEL, "/w/tld.pth")
+    bare = model_card.converted_card(MODEL, "imported", "/w/tld.pth")
     assert bare["origin"] == {"kind": "imported", "from": "/w/tld.pth"}
     assert bare["training"] is None and bare["data"] == [] and bare["parent"] is None
     assert (
@@ -139,7 +139,7 @@ def test_imported_cards_say_what_is_unknown_or_carry_the_exported_card():
     )
     assert bare["summary"].endswith("imported from /w/tld.pth; training data licences unknown")
     trained = model_card.from_training_meta(training_meta())
-    again = model_card.imported_card(MODEL, "/w/x.safetensors", trained)
+    again = model_card.converted_card(MODEL, "imported", "/w/x.safetensors", trained)
     assert again["origin"] == {"kind": "imported", "from": "/w/x.safetensors", "before": {
         "kind": "trained", "run_dir": "runs/run"}}  # fmt: skip
     assert again["training"] == trained["training"] and again["licenses"] == trained["licenses"]

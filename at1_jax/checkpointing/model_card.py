@@ -189,20 +189,25 @@ def from_training_meta(meta: dict, created: str | None = None) -> dict:
     return finish(card)
 
 
-def imported_card(cfg: DenoiserConfig, source: str, carried: dict | None = None) -> dict:
-    """The card of weights converted from a file: the card it carries (our export), or unknown."""
+def converted_card(
+    cfg: DenoiserConfig, kind: str, source: str, carried: dict | None = None
+) -> dict:
+    """The card of weights imported or exported from `source`: the card they carried, else unknown.
+
+    `kind`: "imported" (a PyTorch file into a weights folder) or "exported" (the reverse).
+    """
     if carried:
         card = dict(carried)
-        card["origin"] = {"kind": "imported", "from": source, "before": carried.get("origin")}
+        card["origin"] = {"kind": kind, "from": source, "before": carried.get("origin")}
         card["model"] = _model_section(cfg)
         card["software"] = software_versions()
         return finish(card)
     card = {
         "card_version": CARD_VERSION,
-        "name": os.path.basename(source),
+        "name": os.path.basename(source.rstrip("/")),
         "created": _now(),
         "software": software_versions(),
-        "origin": {"kind": "imported", "from": source},
+        "origin": {"kind": kind, "from": source},
         "model": _model_section(cfg),
         "training": None,
         "data": [],
@@ -240,8 +245,8 @@ def summary(card: dict) -> str:
         samples = training.get("samples_seen")
         seen = f"{samples:,} samples" if isinstance(samples, int) else "samples not counted"
         parts.append(f"{training.get('steps')} steps, {seen} from {roots}")
-    if origin.get("kind") == "imported":
-        parts.append(f"imported from {origin.get('from')}")
+    if origin.get("kind") in ("imported", "exported"):
+        parts.append(f"{origin['kind']} from {origin.get('from')}")
     consumed = (card.get("licenses") or {}).get("consumed")
     parts.append(
         "licences " + ", ".join(f"{k} {v:,}" for k, v in sorted(consumed.items()))
@@ -350,12 +355,15 @@ def render_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(directory: str, card: dict) -> None:
-    """Writes model_card.json and model_card.md into a weights folder (local or s3://)."""
+def write(directory: str, card: dict, prefix: str = "") -> None:
+    """Writes model_card.json and model_card.md into a weights folder (local or s3://).
+
+    `prefix` names a card that sits beside a weights file (`tld.` → tld.model_card.json).
+    """
     card = finish(card)
     files = {
-        JSON_FILE: json.dumps(card, indent=2, sort_keys=True) + "\n",
-        MARKDOWN_FILE: render_markdown(card),
+        prefix + JSON_FILE: json.dumps(card, indent=2, sort_keys=True) + "\n",
+        prefix + MARKDOWN_FILE: render_markdown(card),
     }
     for name, text in files.items():
         url = storage.join(directory, name)

@@ -17,8 +17,10 @@ from at1_jax.model.presets import PRESETS
 WRAPPER_KEYS = ("model_ema", "ema", "ema_model", "state_dict", "model", "module")
 STRIP_PREFIXES = ("_orig_mod.", "module.")
 DT = "denoiser_trans_block."
-# Header metadata key of an exported .safetensors: the DenoiserConfig as JSON.
+# Header metadata keys of an exported .safetensors: the DenoiserConfig and the model card
+# (at1_jax.checkpointing.model_card) as JSON.
 CONFIG_METADATA = "at1_jax.config"
+CARD_METADATA = "at1_jax.model_card"
 VARIANT_UNKNOWN = (
     "the block variant is not recorded in this file and the weights cannot tell (prenorm and "
     "legacy blocks have identical shapes; the wrong one gives wrong images, no error). Look at "
@@ -154,17 +156,22 @@ def read_checkpoint(path: str, key: str | None = None) -> dict[str, np.ndarray]:
     return unwrap_state_dict(torch_pickle.load(path), path, key)
 
 
-def read_recorded_config(path: str) -> DenoiserConfig | None:
-    """The config that `export_checkpoint` recorded in a .safetensors header, if any."""
+def read_header(path: str, key: str) -> str | None:
+    """A value of a .safetensors header's metadata (None for other files or without it)."""
     if not path.endswith(".safetensors"):
         return None
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="np") as f:
-            raw = (f.metadata() or {}).get(CONFIG_METADATA)
+            return (f.metadata() or {}).get(key)
     except SafetensorError as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def read_recorded_config(path: str) -> DenoiserConfig | None:
+    """The config that `export_checkpoint` recorded in a .safetensors header, if any."""
+    raw = read_header(path, CONFIG_METADATA)
     if raw is None:
         return None
     source = f"{path} (metadata {CONFIG_METADATA!r})"
@@ -303,8 +310,13 @@ def import_checkpoint(path, out_dir, variant=None, key=None, cross_heads=None) -
     return cfg
 
 
-def export_checkpoint(weights_dir: str, out_path: str, dtype: str = "float32") -> DenoiserConfig:
-    """Write a weights folder as a PyTorch-named .safetensors that records the model config."""
+def export_checkpoint(
+    weights_dir: str, out_path: str, dtype: str = "float32", header: dict[str, str] | None = None
+) -> DenoiserConfig:
+    """Write a weights folder as a PyTorch-named .safetensors that records the model config.
+
+    `header`: more metadata entries for the file's header (e.g. the model card).
+    """
     from safetensors.numpy import load_file, save_file
 
     if not out_path.endswith(".safetensors"):
@@ -317,7 +329,7 @@ def export_checkpoint(weights_dir: str, out_path: str, dtype: str = "float32") -
         raise FileNotFoundError(f"{params} not found (an interrupted save leaves only .tmp)")
     arrays = load_file(params)
     weights.check_arrays(cfg, arrays, params)
-    meta = {"format": "pt", CONFIG_METADATA: json.dumps(dataclasses.asdict(cfg))}
+    meta = {**(header or {}), "format": "pt", CONFIG_METADATA: json.dumps(dataclasses.asdict(cfg))}
     tmp = out_path + ".tmp"  # a failed write never leaves a partial file under the real name.
     try:
         save_file(arrays_to_torch(arrays, cfg, np.dtype(dtype)), tmp, metadata=meta)
