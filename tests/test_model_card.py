@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from at1_jax.checkpointing import model_card
-from at1_jax.checkpointing.load import load_model
+from at1_jax.checkpointing.load import card_of, load_model
 from at1_jax.model import weights
 from at1_jax.model.denoiser import Denoiser
 from at1_jax.model.presets import PRESETS
@@ -168,7 +168,7 @@ def test_load_model_gives_the_cards_summary(tmp_path):
     arrays = weights.model_arrays(Denoiser(MODEL, nnx.Rngs(0)))
     weights.save(str(tmp_path), MODEL, {k: np.asarray(v) for k, v in arrays.items()})
     _, facts = load_model(str(tmp_path))
-    assert facts["model_card"] is None
+    assert card_of(str(tmp_path)) is None
     assert facts["summary"] == (
         f"{tmp_path}: no model card (written before model cards, or copied without "
         "model_card.json): its training data and licences are unknown"
@@ -176,4 +176,10 @@ def test_load_model_gives_the_cards_summary(tmp_path):
     card = model_card.from_training_meta(training_meta())
     model_card.write(str(tmp_path), card)
     _, facts = load_model(str(tmp_path))
-    assert facts["model_card"] == card and facts["summary"] == card["summary"]
+    assert card_of(str(tmp_path)) == card and facts["summary"] == card["summary"]
+    (tmp_path / model_card.JSON_FILE).write_text("[]")
+    _, facts = load_model(str(tmp_path))  # a broken card does not stop the weights loading
+    assert facts["summary"] == (
+        f"{tmp_path}/model_card.json: not a model card (no card_version): training data and "
+        "licences unknown"
+    )

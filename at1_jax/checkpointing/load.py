@@ -40,8 +40,8 @@ def _fetch(url: str, names: tuple[str, ...], cache_dir: str, required: bool) -> 
     return local
 
 
-def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, dict[str, Any]]:
-    """EMA weights of the latest complete step in a run (`path`/checkpoints) or its folder."""
+def _latest_meta(path: str) -> tuple[str, int, dict]:
+    """(checkpoint folder, latest complete step, its metadata) of a run or checkpoint folder."""
     folder = path
     if not storage.is_s3(path) and os.path.isdir(os.path.join(path, "checkpoints")):
         folder = os.path.join(path, "checkpoints")
@@ -59,6 +59,12 @@ def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, di
             "checkpoint folder with a complete step. `python -m at1_jax.convert import "
             "TLD.pth DIR` makes a weights folder from TLD/AT-1 weights."
         )
+    return folder, step, meta
+
+
+def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, dict[str, Any]]:
+    """EMA weights of the latest complete step in a run (`path`/checkpoints) or its folder."""
+    folder, step, meta = _latest_meta(path)
     source = f"{folder} step {step}"
     cfg = weights.config_from_dict(meta["config"]["model"], source)
     cfg = dataclasses.replace(cfg, **numerics)
@@ -69,25 +75,35 @@ def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, di
     restored, _ = checkpoints.restore_params(folder, abstract)
     model = nnx.merge(graphdef, restored["params"], restored["buffers"])
     facts = generation_facts(meta.get("dataset") or {}, cfg.text_dim)
-    card = model_card.from_training_meta(meta)  # what its export at this step would carry
-    return model, {"source": "checkpoint", "step": step, **facts, **_card_facts(card)}
+    summary = model_card.from_training_meta(meta)["summary"]  # what its export would say
+    return model, {"source": "checkpoint", "step": step, **facts, "summary": summary}
 
 
-def _card_facts(card: dict | None, where: str = "") -> dict[str, Any]:
+def _is_weights_folder(path: str) -> bool:
+    return all(
+        storage.exists(storage.join(path, n)) for n in (weights.CONFIG_FILE, weights.PARAMS_FILE)
+    )
+
+
+def card_of(path: str) -> dict | None:
+    """The model card of what `load_model(path)` loads: a weights folder's card file, or the
+    card a run's latest checkpoint metadata gives; None for a weights folder without one."""
+    if _is_weights_folder(path):
+        return model_card.read(path)
+    return model_card.from_training_meta(_latest_meta(path)[2])
+
+
+def _summary(path: str) -> str:
+    try:
+        card = model_card.read(path)
+    except model_card.CardError as e:  # the weights are still usable: say so, do not stop
+        return f"{e}: training data and licences unknown"
     if card is None:
-        summary = (
-            f"{where}: no model card (written before model cards, or copied without "
+        return (
+            f"{path}: no model card (written before model cards, or copied without "
             f"{model_card.JSON_FILE}): its training data and licences are unknown"
         )
-        return {"model_card": None, "summary": summary}
-    return {"model_card": card, "summary": card.get("summary") or model_card.summary(card)}
-
-
-def _read_card(path: str) -> dict[str, Any]:
-    try:
-        return _card_facts(model_card.read(path), path)
-    except model_card.CardError as e:  # the weights are still usable: say so, do not stop
-        return {"model_card": None, "summary": f"{e}: training data and licences unknown"}
+    return card.get("summary") or model_card.summary(card)
 
 
 def load_model(
@@ -102,8 +118,7 @@ def load_model(
     Facts: source, path, step, text_encoder, vae, latent_scale, latent_shift (None = unknown),
     from the checkpoint's record of its data set, or a weights folder's dataset.json
     (the trainer's record) or manifest.json (a data set manifest put next to the weights);
-    model_card (the folder's card, or the one a checkpoint's metadata gives; None without)
-    and summary (its one line, or why there is none).
+    and summary: the model card's one line (see `card_of`), or why there is none.
     """
     facts: dict[str, Any] = dict.fromkeys(
         ("step", "text_encoder", "vae", "latent_scale", "latent_shift")
@@ -126,4 +141,4 @@ def load_model(
         if os.path.isfile(record):
             with open(record) as f:
                 facts.update(generation_facts(json.load(f), model.cfg.text_dim))
-    return model, {**facts, **_read_card(path)}
+    return model, {**facts, "summary": _summary(path)}
