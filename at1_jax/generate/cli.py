@@ -157,6 +157,7 @@ def main(argv=None) -> int:
         )
         stale = previous_output(args.out)
         pipe = Pipeline.from_args(args)
+        print(f"model: {pipe.info['summary']}", flush=True)  # what it is, what it learnt from
         pipe.require(prompts)
     except (MissingFiles, MissingExtra, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
