@@ -6,12 +6,19 @@ import numpy as np
 import pytest
 import torch
 from fixtures_models import make_tokenizer
+from flax import nnx
 from PIL import Image
+from test_model_card import training_meta
 from test_sample import save_tiny_denoiser
+from test_validation import _reference
 
+from at1_io.synthetic import make_dataset
+from at1_jax.checkpointing import model_card
 from at1_jax.decode import images
 from at1_jax.evaluate import cli as evaluate
 from at1_jax.evaluate import metrics
+from at1_jax.model import weights
+from at1_jax.train import data, validation
 
 CAPTIONS = ["a red square", "a blue circle", "a small dog", "a large tree", "a cat", "the sky"]
 
@@ -104,10 +111,16 @@ def _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, *extra):
 
 def test_sweep_report_matches_independent_metrics(tmp_path, tiny_models, tiny_clip, coco):
     ckpt = save_tiny_denoiser(tmp_path / "w")
+    meta = training_meta()
+    meta["config"]["model"] = json.loads((tmp_path / "w" / "config.json").read_text())
+    model_card.write(ckpt, model_card.from_training_meta(meta))
     argv = _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, "--save-images")
     assert evaluate.main(argv, feature_extractor=tiny_features) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["guidance"] for r in report["rows"]] == [1.0, 6.0]
+    [entry] = model_card.read(ckpt)["evaluations"]  # the results went into the card
+    assert entry["kind"] == "fid_clip" and entry["results"]["rows"] == report["rows"]
+    assert entry["results"]["num_images"] == 6 and entry["results"]["sampler"]["steps"] == 2
     assert report["num_images"] == 6 and report["image_size"] == 64
 
     # Recompute both metrics from the saved PNGs with independent code paths.
@@ -233,3 +246,47 @@ def test_fid_with_the_inception_network_end_to_end(tmp_path, tiny_models, tiny_c
     # Identical features and float64 statistics: only sqrtm's own rounding could differ.
     assert report["rows"][0]["fid"] == pytest.approx(want, rel=1e-9)
     assert len(list((tmp_path / "cache" / "fid_refs").iterdir())) == 1  # reference stats cached
+
+
+def test_validation_loss_of_a_weights_folder_matches_the_trainers_definition(tmp_path, capsys):
+    root = str(tmp_path / "ds")
+    make_dataset(root, shards=1, per_shard=6, text_dim=24, val_shards=2)
+    ckpt = save_tiny_denoiser(tmp_path / "w", seed=3)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", ckpt, "--val-loss", root, "--val-samples", "10", "--val-bins", "4"]
+    argv += ["--batch-size", "3", "--out", str(out)]  # chunks of 4 on 4 devices, 2 padded
+    assert evaluate.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"model: {ckpt}: no model card" in stdout
+    assert f"{ckpt} has no model card file: the results are only in report.json" in stdout
+    val = json.loads((out / "report.json").read_text())["validation_loss"]
+    assert val["set"] == {"root": root, "split": "val", "samples": 10}
+    assert val["bins"] == validation.bin_names(4)
+    ds = data.open_dataset(root)
+    vset = validation.load_split(ds, "val", 10)
+    graphdef, params, buffers = nnx.split(weights.load(ckpt), nnx.Param, ...)
+    want = _reference(graphdef, params, buffers, vset, 4)
+    got = [val[f"val_loss_{b}"] for b in val["bins"]]
+    np.testing.assert_allclose(got, want, rtol=2e-6)  # float32 rounding, batched vs one by one
+    assert val["val_loss"] == pytest.approx(np.mean(got), rel=1e-12)
+    # A folder with a model card gets the result appended to it.
+    meta = training_meta()
+    meta["config"]["model"] = json.loads((tmp_path / "w" / "config.json").read_text())
+    model_card.write(ckpt, model_card.from_training_meta(meta))
+    assert evaluate.main(argv) == 0
+    assert f"added to the model card: {ckpt}/model_card.md" in capsys.readouterr().out
+    [entry] = model_card.read(ckpt)["evaluations"]
+    assert entry["kind"] == "validation_loss" and entry["results"] == val
+
+
+def test_evaluate_needs_something_to_do_and_data_that_fits(tmp_path, capsys):
+    ckpt = save_tiny_denoiser(tmp_path / "w")
+    assert evaluate.main(["--checkpoint", ckpt, "--out", str(tmp_path / "o")]) == 2
+    assert "nothing to evaluate: give --captions and --images" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", ckpt, "--captions", "c.json"]) == 2
+    assert "FID/CLIP need both --captions and --images" in capsys.readouterr().err
+    make_dataset(str(tmp_path / "wide"), shards=1, per_shard=2, text_dim=32)
+    argv = ["--checkpoint", ckpt, "--val-loss", str(tmp_path / "wide"), "--out", str(tmp_path)]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "latents (4, 8, 8) and 32-d text do not fit the model ((4, 8, 8), 24-d)" in err

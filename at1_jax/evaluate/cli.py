@@ -12,6 +12,12 @@ generates one image per caption (caption i from seed `--seed + i`), and compares
   only numbers with the same N, resolution and reference set.
 - CLIP score: 100·max(cos, 0) between CLIP image and caption embeddings, averaged.
 Writes report.json (one row per guidance value) and grid.png (a row of images per value).
+
+python -m at1_jax.evaluate --checkpoint W --val-loss DATASET computes the validation loss the
+trainer logs (at1_jax.train.validation: the first --val-samples samples of DATASET's val/
+split, or of its shards if it has none, at --val-bins fixed noise levels with fixed noise),
+so runs compare after the fact: on RUN/weights it is the run's last val_loss_ema.
+Both can run at once. Results go into the weights folder's model card (evaluations).
 """
 
 from __future__ import annotations
@@ -28,15 +34,21 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from at1_io import storage
+from at1_io import schema, storage
 from at1_jax import torch_bridge
+from at1_jax.checkpointing import model_card
+from at1_jax.checkpointing.load import card_of, load_model
 from at1_jax.decode import images
 from at1_jax.evaluate import inception, metrics
 from at1_jax.generate import pipeline as sample
 from at1_jax.model.samplers import SAMPLERS, SamplerConfig
+from at1_jax.train import sharding, validation
+from at1_jax.train.config import LogConfig
+from at1_jax.train.data import DataError, open_dataset
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer files")
@@ -137,8 +149,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m at1_jax.evaluate", description=__doc__.split("\n")[0]
     )
     p.add_argument("--checkpoint", required=True, help="weights folder (local or s3://)")
-    p.add_argument("--captions", required=True, help="COCO captions JSON (local or s3://)")
-    p.add_argument("--images", required=True, help="reference images folder (local or s3://)")
+    p.add_argument("--captions", help="COCO captions JSON (local or s3://), for FID/CLIP")
+    p.add_argument("--images", help="reference images folder (local or s3://), for FID/CLIP")
+    p.add_argument(
+        "--val-loss",
+        metavar="DATASET",
+        help="data set root: the trainer's validation loss on its val/ split (else its shards)",
+    )
+    p.add_argument("--val-samples", type=int, default=LogConfig.val_samples)
+    p.add_argument("--val-bins", type=int, default=LogConfig.val_bins)
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--guidance", default="6", help="comma-separated values, one report row each")
     p.add_argument("--steps", type=int, default=15)
@@ -276,11 +295,66 @@ def evaluate(
     return report
 
 
+def validation_loss(args, announce: bool = True) -> dict:
+    """The trainer's validation loss of the checkpoint's weights on `args.val_loss`."""
+    model, info = load_model(args.checkpoint, args.cache_dir)
+    if announce:  # the FID/CLIP pipeline has printed it already
+        print(f"model: {info['summary']}", flush=True)
+    card = card_of(args.checkpoint) or {}
+    record = (card.get("data") or [{}])[0]
+    # The text array and latent scale the weights were trained with, when their card says.
+    ds = open_dataset(
+        args.val_loss, record.get("text_array") or "", record.get("latent_scale") or 0
+    )
+    cfg = model.cfg
+    want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    if tuple(ds.latent_shape) != want or ds.text_dim != cfg.text_dim:
+        raise ValueError(
+            f"--val-loss {args.val_loss}: latents {tuple(ds.latent_shape)} and {ds.text_dim}-d "
+            f"text do not fit the model ({want}, {cfg.text_dim}-d): use the data set it was "
+            "trained on or one encoded alike"
+        )
+    split = schema.VAL if ds.manifest.val_shards else schema.TRAIN
+    vset = validation.load_split(ds, split, args.val_samples)
+    mesh = sharding.make_mesh(data=-1)  # every local device, weights replicated
+    devices = mesh.devices.size
+    chunk = -(-args.batch_size // devices) * devices
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    validator = validation.Validator(vset, graphdef, mesh, args.val_bins, chunk)
+    losses = validator.losses(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), "val_loss")
+    return {"set": vset.describe(), "bins": validation.bin_names(args.val_bins), **losses}
+
+
+def _record_in_card(checkpoint: str, kind: str, results: dict) -> None:
+    try:
+        card = model_card.add_evaluation(checkpoint, kind, results)
+    except model_card.CardError as e:
+        print(f"warning: {e}: the results are only in report.json", file=sys.stderr)
+        return
+    if card is None:
+        print(f"{checkpoint} has no model card file: the results are only in report.json")
+    else:
+        print(f"added to the model card: {storage.join(checkpoint, model_card.MARKDOWN_FILE)}")
+
+
 def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
     """CLI entry; `feature_extractor` replaces the Inception network (tests use tiny ones)."""
     args = _parser().parse_args(argv)
     want = {m.strip() for m in args.metrics.split(",") if m.strip()}
+    sweep = bool(args.captions or args.images)
     try:
+        if sweep and not (args.captions and args.images):
+            raise ValueError("FID/CLIP need both --captions and --images")
+        if not sweep and not args.val_loss:
+            raise ValueError(
+                "nothing to evaluate: give --captions and --images (FID, CLIP score), "
+                "--val-loss DATASET (validation loss), or both"
+            )
+        if args.val_samples < 1 or args.val_bins < 1 or args.batch_size < 1:
+            raise ValueError("--val-samples, --val-bins and --batch-size must be >= 1")
+        if not sweep:
+            os.makedirs(args.out, exist_ok=True)
+            return _val_loss_only(args)
         if not want or want - {"fid", "clip"}:
             raise ValueError(f"--metrics {args.metrics!r}: choose from fid, clip")
         for g in _parse_guidance(args.guidance):  # every sampler setting checked before work
@@ -297,13 +371,24 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
             w = args.inception_weights
             ref_key = [os.path.abspath(w), os.path.getsize(w), os.path.getmtime(w)]
         clip = torch_bridge.clip_embedder(args.clip_model) if "clip" in want else None
-    except (sample.MissingFiles, torch_bridge.MissingExtra, ValueError, OSError) as e:
+        print(f"model: {pipe.info['summary']}", flush=True)
+        val = validation_loss(args, announce=False) if args.val_loss else None
+    except (
+        sample.MissingFiles,
+        torch_bridge.MissingExtra,
+        DataError,
+        model_card.CardError,
+        ValueError,
+        OSError,
+    ) as e:
         print(f"error: cannot evaluate:\n{e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     report = evaluate(args, pipe, extract, clip, ref_key)
     if ref_key is not None:
         report["inception_weights"] = args.inception_weights
+    if val is not None:
+        report["validation_loss"] = val
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     for row in report["rows"]:
@@ -312,5 +397,32 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
             + ", ".join(f"{k} {row[k]:.3f}" for k in ("fid", "clip_score") if k in row)
             + f" ({report['num_images']} images, {row['seconds']:.1f} s)"
         )
+    if val is not None:
+        _print_val(val)
     print(f"wrote {os.path.join(args.out, 'report.json')} and grid.png")
+    sweep_results = {
+        k: report[k] for k in ("num_images", "captions", "reference_images", "sampler", "rows")
+    }
+    _record_in_card(args.checkpoint, "fid_clip", sweep_results)
+    if val is not None:
+        _record_in_card(args.checkpoint, "validation_loss", val)
+    return 0
+
+
+def _print_val(val: dict) -> None:
+    bins = ", ".join(f"{b} {val[f'val_loss_{b}']:.5f}" for b in val["bins"])
+    print(f"validation loss {val['val_loss']:.5f} on {val['set']} ({bins})")
+
+
+def _val_loss_only(args) -> int:
+    try:
+        val = validation_loss(args)
+    except (sample.MissingFiles, DataError, model_card.CardError, ValueError, OSError) as e:
+        print(f"error: cannot evaluate:\n{e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "validation_loss": val}, f, indent=2)
+    _print_val(val)
+    print(f"wrote {os.path.join(args.out, 'report.json')}")
+    _record_in_card(args.checkpoint, "validation_loss", val)
     return 0
