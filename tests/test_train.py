@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -41,12 +40,14 @@ def get_config():
         optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=1.0, ema_decay=0.9),
         mesh=MeshConfig(data=2, fsdp=2),
         checkpoint=CheckpointConfig(dir={ckpt!r}, every={every}, keep=3, async_save={async_save}),
-        log=LogConfig(every=1, tensorboard={tb}, sample_every=0),
+        log=LogConfig(every=1, tensorboard={tb}, sample_every=0, val_every={val_every}),
     )
 """
 
 
-def write_config(tmp_path, name, data, steps=6, every=3, ckpt="", async_save=True, tb=False):
+def write_config(
+    tmp_path, name, data, steps=6, every=3, ckpt="", async_save=True, tb=False, val_every=0
+):
     run_dir = str(tmp_path / name)
     text = CONFIG.format(
         run_dir=run_dir,
@@ -56,6 +57,7 @@ def write_config(tmp_path, name, data, steps=6, every=3, ckpt="", async_save=Tru
         every=every,
         async_save=async_save,
         tb=tb,
+        val_every=val_every,
     )
     path = tmp_path / f"{name}.py"
     path.write_text(text)
@@ -65,7 +67,8 @@ def write_config(tmp_path, name, data, steps=6, every=3, ckpt="", async_save=Tru
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
-    make_dataset(str(root), shards=4, per_shard=12)
+    # 4 training shards (cc0 and cc-by samples) and one held-out validation shard of 12.
+    make_dataset(str(root), shards=4, per_shard=12, val_shards=1)
     return str(root)
 
 
@@ -399,12 +402,17 @@ def test_failed_async_save_is_reported_under_its_own_step(tmp_path, dataset):
     # A 1 MB file-size limit: step 1's checkpoint (~10 MB of arrays) fails in orbax's
     # background writer, which the next save (step 2) is the first to hear about.
     cfg = write_config(tmp_path, "async", dataset, steps=3, every=1, async_save=True)
-    limit = 1 << 20
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ
-
-    code, out = finish(run_cli(["--config", cfg], preexec_fn=small_files))
+    # bash sets the limit (in KiB) before exec: no Python runs between fork and exec in this
+    # multithreaded test process. Python ignores SIGXFSZ, so writes fail with EFBIG.
+    limited = ["bash", "-c", 'ulimit -f 1024 && exec "$@"', "bash", sys.executable]
+    proc = subprocess.Popen(
+        [*limited, "-m", "at1_jax.train", "--config", cfg],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    code, out = finish(proc)
     assert code == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(
