@@ -69,6 +69,10 @@ def test_card_from_training_metadata_field_by_field():
     t = card["training"]
     assert (t["steps"], t["samples_seen"], t["batch_size"], t["seed"]) == (40, 1280, 32, 0)
     assert t["config"]["optim"]["lr"] == 3e-4 and t["config"]["model"]["depth"] == 2
+    assert t["samples_counted_from_step"] == 0
+    # A run that resumed a checkpoint from before sample counting says what it counted.
+    late = model_card.from_training_meta(training_meta(consumed_from_step=20))
+    assert "40 steps, 1,280 samples (counted from step 20) from s3://" in late["summary"]
     [d] = card["data"]
     assert d["root"] == "s3://bucket/data"
     assert (d["train_samples"], d["val_samples"]) == (1000, 50)

@@ -172,6 +172,8 @@ def from_training_meta(meta: dict, created: str | None = None) -> dict:
         "training": {
             "steps": meta.get("step"),
             "samples_seen": consumed.get("samples"),
+            # > 0 when the run resumed a checkpoint written before samples were counted.
+            "samples_counted_from_step": meta.get("consumed_from_step", 0),
             "batch_size": (config.get("data") or {}).get("batch_size"),
             "seed": config.get("seed"),
             "config": config,
@@ -244,6 +246,8 @@ def summary(card: dict) -> str:
         roots = ", ".join(str(d.get("root")) for d in card.get("data") or [])
         samples = training.get("samples_seen")
         seen = f"{samples:,} samples" if isinstance(samples, int) else "samples not counted"
+        if training.get("samples_counted_from_step"):
+            seen += f" (counted from step {training['samples_counted_from_step']})"
         parts.append(f"{training.get('steps')} steps, {seen} from {roots}")
     if origin.get("kind") in ("imported", "exported"):
         parts.append(f"{origin['kind']} from {origin.get('from')}")
@@ -299,6 +303,7 @@ def render_markdown(card: dict) -> str:
             [
                 ("steps", training.get("steps")),
                 ("samples seen", training.get("samples_seen")),
+                ("samples counted from step", training.get("samples_counted_from_step") or None),
                 ("batch size", training.get("batch_size")),
                 ("seed", training.get("seed")),
             ]
