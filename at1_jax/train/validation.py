@@ -135,8 +135,8 @@ def load_split(ds: Dataset, split: str, limit: int) -> ValidationSet:
 class Validator:
     """Per-bin x0-losses of given weights on a ValidationSet, compiled once for the mesh.
 
-    `chunk` samples go through the model per call (a multiple of the mesh's data-parallel
-    size); the set is padded to whole chunks and the padding dropped on the host.
+    Up to `chunk` samples go through the model per call (a multiple of the mesh's
+    data-parallel size); the set is padded to whole chunks and the padding dropped on the host.
     `param_shardings`/`buffer_shardings`: those of the weights passed in (the train state's);
     None places them replicated.
     """
@@ -162,6 +162,7 @@ class Validator:
         self._param_sh = param_shardings or replicated
         self._buffer_sh = buffer_shardings or replicated
         n = vset.size
+        chunk = min(chunk, -(-n // dp) * dp)  # a small set is not padded to a large batch
         padded = -(-n // chunk) * chunk
         x0 = np.zeros((padded, *vset.x0.shape[1:]), np.float32)
         text = np.zeros((padded, vset.text.shape[1]), np.float32)
