@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[data,s3,dev,serve]'
+# pytorch-fid's own Inception for the parity tests: its torchvision wheel is CUDA-linked and,
+# in site-packages, breaks transformers' image processors; kept off sys.path, no deps.
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/fid-reference -c constraints.txt \
+		torchvision pytorch-fid
 	touch $(STAMP)
 
 setup: $(STAMP)

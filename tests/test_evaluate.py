@@ -212,13 +212,11 @@ def test_missing_weights_are_all_named_before_any_work(tmp_path, tiny_models, co
 
 @pytest.mark.slow  # ~40-70 s: two 2048-d sqrtm (~11 s each here) and an Inception compile
 def test_fid_with_the_inception_network_end_to_end(tmp_path, tiny_models, tiny_clip, coco):
-    """The real feature path: a random-weight Inception file in pytorch-fid's legacy format."""
-    from inception_reference import FIDInceptionV3, randomize
+    """The real feature path: random weights for pytorch-fid's own network, in its legacy format."""
+    from pytorch_fid_upstream import random_state_dict
 
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(
-        randomize(FIDInceptionV3(), 1).state_dict(), weights, _use_new_zipfile_serialization=False
-    )
+    torch.save(random_state_dict(seed=1), weights, _use_new_zipfile_serialization=False)
     ckpt = save_tiny_denoiser(tmp_path / "w")
     argv = _argv(tmp_path, tiny_models, tiny_clip, coco, ckpt, "--save-images")
     argv += [

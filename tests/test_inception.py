@@ -1,29 +1,38 @@
-"""Parity of the JAX FID Inception with a PyTorch reference of pytorch-fid's network."""
+"""Parity of the JAX FID Inception with pytorch-fid's own InceptionV3 (random weights)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from inception_reference import FIDInceptionV3, randomize
+from pytorch_fid_upstream import fid_inception, pool3, random_state_dict, upstream
 
 from at1_jax.evaluate import inception
 
+IMAGES = np.random.default_rng(1).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+
 
 @pytest.fixture(scope="module")
-def reference():
-    torch.manual_seed(0)
-    return randomize(FIDInceptionV3(), seed=0)
+def state_dict():
+    return random_state_dict(seed=0)
+
+
+@pytest.fixture(scope="module")
+def upstream_features(state_dict):
+    """pytorch-fid's pool3 features of IMAGES, through its resize and [-1, 1] scaling."""
+    return pool3(fid_inception(state_dict), IMAGES)
 
 
 @pytest.fixture(scope="module", params=["zip", "legacy"])
-def weights_file(request, reference, tmp_path_factory):
-    """The reference's state dict saved as pytorch-fid ships it (legacy) and as torch saves now."""
+def weights_file(request, state_dict, tmp_path_factory):
+    """The weights saved as pytorch-fid ships them (legacy) and as torch saves now (zip)."""
     path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_FILE
-    sd = dict(reference.state_dict())
-    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # ignored
-    torch.save(sd, path, _use_new_zipfile_serialization=request.param == "zip")
+    torch.save(state_dict, path, _use_new_zipfile_serialization=request.param == "zip")
     return str(path)
+
+
+def test_weights_file_is_pytorch_fids():
+    assert inception.WEIGHTS_URL == upstream().FID_WEIGHTS_URL
 
 
 def test_resize_matches_torch_bilinear():
@@ -40,19 +49,19 @@ def test_resize_matches_torch_bilinear():
         np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=atol)
 
 
-def test_features_match_pytorch_reference(reference, weights_file):
-    params = inception.load(weights_file)
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
-    with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        want = reference(x).numpy()
-    got = np.asarray(inception.features_jit(params, jnp.asarray(images)))
+def test_features_match_pytorch_fid(upstream_features, weights_file):
+    got = np.asarray(inception.features_jit(inception.load(weights_file), jnp.asarray(IMAGES)))
+    want = upstream_features
     assert got.shape == want.shape == (2, inception.FEATURE_DIM)
-    # fp32 both sides, ~20 convolutions deep with fan-ins up to 4032: each layer adds a few ulp
-    # (1.2e-7) relative to its activations in a different summation order, and batch norm is
-    # folded here but applied in two steps there. 1e-4 of the features' peak is ~50× the
-    # error that ordering alone gives, and far below what wrong wiring gives (O(1)).
+    # Both sides fp32 (u = 2⁻²⁴ ≈ 6e-8), summing in different orders. A conv output sums up to
+    # K = 4032 products of random sign, so sequential summation errs by ~u·√K ≈ 4e-6 of its
+    # value; the deepest chain is 47 convs, and He-scaled layers with batch norm near 1 carry
+    # relative errors with gain ~1, so independent ones add to ~√47·4e-6 ≈ 3e-5. The resize
+    # adds ≤ 2·80·2⁻²³ ≈ 2e-5 per input pixel (see above), averaged down by the pooling.
+    # 1e-4 of the peak is 3× that estimate; measured: 6e-7 (blocked summation on both sides,
+    # each within 6e-7 of a float64 run of the upstream network). Wiring errors are far
+    # above it: average pools counting the padding give 5e-2, an average pool in place of
+    # FIDInceptionE_2's max pool 0.2.
     scale = np.abs(want).max()
     assert scale > 0.1  # the random network still carries signal to pool3
     np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=0)
