@@ -17,6 +17,7 @@ def test_compiled_flops_match_the_analytic_count(name):
     assert 1.0 <= r["flops_per_image"] / r["analytic_flops_per_image"] < 1.25
 
 
+@pytest.mark.slow
 def test_model_and_train_benchmarks_print_figures(capsys):
     assert bench.main(["model", "--presets", "tld-tiny", "--batch", "2", "--steps", "1"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tld-tiny"))
@@ -27,6 +28,7 @@ def test_model_and_train_benchmarks_print_figures(capsys):
     assert "images/s" in out and "model TFLOP/s" in out and "x4" in out
 
 
+@pytest.mark.slow
 def test_train_benchmark_counts_every_device():
     from at1_jax.train.config import DataConfig, MeshConfig, TrainConfig
 

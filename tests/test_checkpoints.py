@@ -91,6 +91,7 @@ def test_s3_step_without_commit_marker_is_not_a_step(s3_env, request):
     assert Checkpoints(url).steps() == [1]
 
 
+@pytest.mark.s3  # starts its own server, not through the s3_server fixture
 def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     workdir = tmp_path / "weed"  # a server of its own: this test stops it
     proc, server = start_weed(workdir)

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1000)  # above the 900 s the test gives the demo itself
 def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "at1_demo", "--out", str(out), "--num-images", "96"]

@@ -8,6 +8,7 @@ from at1_jax.bench import gpu_suite
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_cpu_smoke_reports_every_case_and_survives_a_failing_one(tmp_path, capsys):
     assert gpu_suite.main([str(tmp_path), "--cpu-smoke"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -57,6 +57,7 @@ def test_state_is_sharded_by_the_rules():
     assert int(state["step"]) == 0
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch():
     cfg = _cfg()
     tx, spec, state = _setup(cfg)
@@ -73,6 +74,7 @@ def test_overfits_a_fixed_batch():
     assert int(state["step"]) == 60
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     # Noise is drawn for the whole batch before splitting, so only summation order differs.
     results = []
@@ -90,6 +92,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
+@pytest.mark.slow
 def test_tensor_parallel_mesh_gives_the_same_step():
     losses = []
     for data, fsdp, tensor in ((2, 2, 1), (1, 2, 2)):
@@ -110,6 +113,7 @@ def test_tensor_parallel_mesh_gives_the_same_step():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
+@pytest.mark.slow
 def test_non_finite_step_leaves_the_state_untouched():
     cfg = _cfg()
     tx, spec, state = _setup(cfg)
@@ -125,6 +129,7 @@ def test_non_finite_step_leaves_the_state_untouched():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the point of the test
+@pytest.mark.slow
 def test_update_that_overflows_the_weights_is_not_applied():
     # lr=1e39 is a finite Python float but inf in float32: loss and gradient are finite,
     # the weights the update would produce are not (±inf, and 0·inf = nan where g = 0).

@@ -192,6 +192,7 @@ def test_model_sizes_come_from_the_data_set_unless_pinned(tmp_path):
         train.fit_to_dataset(cfg, data.open_dataset(odd))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
     make_dataset(str(tmp_path / "ds"), shards=2, per_shard=8)
     # Poison every latent of one shard: the first batches that touch it go non-finite.
@@ -224,6 +225,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the point of the test
+@pytest.mark.slow
 def test_update_that_overflows_the_weights_stops_before_any_checkpoint(tmp_path, dataset, capsys):
     # lr=1e39 is finite for the config (a Python float) and inf in the float32 update: the
     # first step's loss and gradient are finite, the weights it would produce are not.
@@ -237,6 +239,7 @@ def test_update_that_overflows_the_weights_stops_before_any_checkpoint(tmp_path,
     assert not os.listdir(run / "checkpoints") and not (run / "weights").exists()
 
 
+@pytest.mark.slow
 def test_reruns_never_change_a_run_silently(tmp_path, dataset, capsys, monkeypatch):
     cfg = write_config(tmp_path, "r", dataset, steps=2, every=1)
     assert train.main(["--config", cfg]) == 0
@@ -281,6 +284,7 @@ def test_reruns_never_change_a_run_silently(tmp_path, dataset, capsys, monkeypat
     assert checkpoint.Checkpoints(ck, read_only=True).steps() == [1, 2]
 
 
+@pytest.mark.slow
 def test_disk_full_at_export_is_one_error_line_and_a_rerun_exports(
     tmp_path, dataset, capsys, monkeypatch
 ):
@@ -313,6 +317,7 @@ def test_disk_full_at_export_is_one_error_line_and_a_rerun_exports(
     assert json.loads((run / "weights" / "dataset.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     cfg = write_config(tmp_path, "a", dataset, steps=4, every=2)
     assert train.main(["--config", cfg]) == 0
@@ -378,6 +383,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         train.initial_model(missing)
 
 
+@pytest.mark.slow
 def test_cpu_quick_start_runs_verbatim_on_one_device(tmp_path, dataset):
     # docs/training.md's command; steps and run_dir only keep the test short and in tmp_path.
     quick = [
@@ -398,6 +404,7 @@ def test_cpu_quick_start_runs_verbatim_on_one_device(tmp_path, dataset):
     assert (run / "weights" / "params.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_failed_async_save_is_reported_under_its_own_step(tmp_path, dataset):
     # A 1 MB file-size limit: step 1's checkpoint (~10 MB of arrays) fails in orbax's
     # background writer, which the next save (step 2) is the first to hear about.
@@ -421,6 +428,7 @@ def test_failed_async_save_is_reported_under_its_own_step(tmp_path, dataset):
     assert "File too large" in errors[0] and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_sigterm_during_compile_stops_cleanly(tmp_path, dataset):
     cfg = write_config(tmp_path, "early", dataset, steps=1000, every=1000)
     proc = run_cli(["--config", cfg])
@@ -472,6 +480,7 @@ def test_unreachable_s3_while_reading_shards_is_one_error_line(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(tmp_path, dataset):
     steps = 40
     ref_cfg = write_config(tmp_path, "ref", dataset, steps=steps, every=4, async_save=False)
@@ -507,6 +516,8 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(tmp_path, da
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
 def test_two_processes_match_one_process(tmp_path, dataset):
     one = write_config(tmp_path, "one", dataset, steps=5, every=5)
     code, out = finish(run_cli(["--config", one]))
@@ -527,6 +538,7 @@ def test_two_processes_match_one_process(tmp_path, dataset):
     assert_same_state(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_s3_data_and_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env, request):
     # Shards streamed from S3 too: upload the dataset folder as it is.
     client = s3_env.client()
@@ -551,6 +563,7 @@ def test_s3_data_and_checkpoints_save_list_and_resume(tmp_path, dataset, s3_env,
     assert_same_state(state, final_state(local)[0])
 
 
+@pytest.mark.slow
 def test_dry_run_help_progress_messages_and_labelled_sample_sheets(tmp_path, dataset, capsys):
     cfg = write_config(tmp_path, "ux", dataset, steps=2, every=2)
     assert train.main(["--config", cfg, "--dry-run"]) == 0
