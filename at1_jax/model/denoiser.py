@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
-from at1_jax.model.depthwise import depthwise_conv3x3
+from at1_jax.model.depthwise import channel_sum, depthwise_conv3x3_gelu
 
 BLOCKS = ("prenorm", "legacy")
 ATTENTION = ("auto", "xla", "cudnn")
 DEPTHWISE = ("auto", "conv", "shift")
 DTYPES = ("float32", "bfloat16", "float16")
 LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
+F32 = jnp.float32
 # Fields that change how the model computes, not which weights it has.
 NUMERICS = ("dtype", "remat", "attention", "depthwise", "dropout")
 
@@ -139,8 +142,50 @@ def _torch_uniform(fan_in: int):
     return init
 
 
-def _linear(cfg, n_in, n_out, axes, rngs, use_bias=True) -> nnx.Linear:
-    return nnx.Linear(
+def _matmul(a, b, dims, dtype):
+    """dot_general of `a` and `b` cast to `dtype`, accumulated and returned in float32."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, preferred_element_type=F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense(x, kernel, bias, dtype):
+    """x·kernel + bias on `dtype` operands with float32 accumulation; the result in `dtype`.
+
+    XLA:CPU runs a bf16 dot with a bf16 result as a float32 dot; asking for a float32
+    result keeps its bf16 dot-product path (~2× faster). The hand-written VJP keeps the two
+    gradient products in that form, returns the kernel gradient unrounded in float32, and
+    takes the bias gradient as a matrix-vector product (XLA:CPU column sums are slow).
+    """
+    y = _matmul(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), dtype)
+    return (y if bias is None else y + bias).astype(dtype)
+
+
+def _dense_fwd(x, kernel, bias, dtype):
+    return dense(x, kernel, bias, dtype), (x, kernel, bias)
+
+
+def _dense_bwd(dtype, res, dy):
+    x, kernel, bias = res
+    dx = _matmul(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), dtype).astype(x.dtype)
+    x_NI, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dk = _matmul(x_NI, dy_NO, (((0,), (0,)), ((), ())), dtype).astype(kernel.dtype)
+    db = None if bias is None else channel_sum(dy_NO).astype(bias.dtype)
+    return dx, dk, db
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nnx.Linear):
+    """nnx.Linear (the same parameters and layout) computed by `dense`."""
+
+    def __call__(self, x):
+        bias = None if self.bias is None else self.bias[...]
+        return dense(x, self.kernel[...], bias, jnp.dtype(self.dtype))
+
+
+def _linear(cfg, n_in, n_out, axes, rngs, use_bias=True) -> Dense:
+    return Dense(
         n_in,
         n_out,
         use_bias=use_bias,
@@ -248,14 +293,13 @@ class ConvMLP(nnx.Module):
         self.grid = cfg.grid
         self.dropout = cfg.dropout
         self.impl = cfg.depthwise
-        self.dtype = cfg.compute_dtype
 
     def __call__(self, h_BTE, dropout_key=None):
         B, T, _ = h_BTE.shape
         x_BTM = self.fc1(h_BTE)
         x_BHWM = x_BTM.reshape(B, self.grid, self.grid, -1)
-        w, b = self.dw_kernel[...].astype(self.dtype), self.dw_bias[...].astype(self.dtype)
-        x_BHWM = _gelu(depthwise_conv3x3(x_BHWM, w, b, self.impl))
+        w, b = self.dw_kernel[...], self.dw_bias[...]
+        x_BHWM = depthwise_conv3x3_gelu(x_BHWM, w, b, self.impl)
         y_BTE = self.fc2(x_BHWM.reshape(B, T, -1))
         if dropout_key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, y_BTE.shape)

@@ -1,50 +1,69 @@
-"""Depthwise 3×3 convolution ("same" padding), in two formulations with equal numbers.
+"""Depthwise 3×3 convolution ("same" padding), alone or followed by the exact GELU.
 
-`conv` is XLA's grouped convolution: what cuDNN runs well on GPU. On XLA:CPU it is ~10×
-slower than PyTorch, almost all of it in the kernel gradient, which XLA lowers to a dense
-convolution. `shift` writes the conv as 9 shifted multiply-adds with a hand-written VJP
-whose kernel/bias gradients are per-channel sums done as (1, N) @ (N, C) products, which
-XLA:CPU runs far faster than column reductions (see docs/performance.md).
+Two formulations with equal numbers. `conv` is XLA's grouped convolution: what cuDNN runs
+well on GPU. On XLA:CPU it is ~10× slower than PyTorch, almost all of it in the kernel
+gradient, which XLA lowers to a dense convolution. `shift` writes the conv as 9 shifted
+multiply-adds with a hand-written VJP. Both sum the taps in float32 whatever the input
+dtype: XLA:CPU rounds every intermediate of a bf16 elementwise chain to bf16, which is
+slower than float32 arithmetic and loses precision. `depthwise_conv3x3_gelu` fuses the
+conv with the GELU that follows it in the MLP: its backward pass recomputes the conv from
+the input instead of storing the 9 taps or the pre-activation (see docs/performance.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 TAPS = tuple((i, j) for i in range(3) for j in range(3))
+F32 = jnp.float32
+
+
+def _resolve(impl: str) -> str:
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("conv", "shift"):
+        raise ValueError(f"depthwise impl must be 'auto', 'conv' or 'shift', got {impl!r}")
+    return impl
 
 
 def depthwise_conv3x3(x_BHWC, w_33C, b_C, impl: str = "auto"):
     """y[b, y, x, c] = b[c] + Σ_ij x[b, y+i−1, x+j−1, c]·w[i, j, c] (cross-correlation)."""
-    if impl == "auto":
-        impl = "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl == "conv":
-        return _grouped_conv(x_BHWC, w_33C) + b_C
-    if impl == "shift":
-        return _shift_conv(x_BHWC, w_33C, b_C)
-    raise ValueError(f"depthwise impl must be 'auto', 'conv' or 'shift', got {impl!r}")
+    if _resolve(impl) == "conv":
+        return (_grouped_conv(x_BHWC, w_33C) + b_C.astype(F32)).astype(x_BHWC.dtype)
+    return _shift_conv(x_BHWC, w_33C, b_C)
+
+
+def depthwise_conv3x3_gelu(x_BHWC, w_33C, b_C, impl: str = "auto"):
+    """gelu(depthwise_conv3x3(x, w, b)) with the exact (erf) GELU, in float32, cast to x's dtype."""
+    if _resolve(impl) == "conv":
+        y = _grouped_conv(x_BHWC, w_33C) + b_C.astype(F32)
+        return jax.nn.gelu(y, approximate=False).astype(x_BHWC.dtype)
+    return _shift_conv_gelu(x_BHWC, w_33C, b_C)
 
 
 def _grouped_conv(x_BHWC, w_33C):
     C = x_BHWC.shape[-1]
     return lax.conv_general_dilated(
         x_BHWC,
-        w_33C[:, :, None, :],
+        w_33C[:, :, None, :].astype(x_BHWC.dtype),
         window_strides=(1, 1),
         padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=C,
+        preferred_element_type=F32,
     )
 
 
 def _taps_sum(xp_BHWC, w_33C, H, W, flip: bool):
-    """Σ over the 9 taps of a shifted window of the padded input times the tap's weights."""
+    """Σ over the 9 taps of a shifted window of the padded input times the tap's weights (f32)."""
     out = None
     for i, j in TAPS:
         si, sj = (2 - i, 2 - j) if flip else (i, j)
-        term = xp_BHWC[:, si : si + H, sj : sj + W, :] * w_33C[i, j]
+        term = xp_BHWC[:, si : si + H, sj : sj + W, :].astype(F32) * w_33C[i, j].astype(F32)
         out = term if out is None else out + term
     return out
 
@@ -53,16 +72,33 @@ def _pad(x_BHWC):
     return jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def _channel_sum(a_NC):
-    """Σ_n a[n, c] as a (1, N) @ (N, C) product, accumulated in float32."""
-    ones = jnp.ones((1, a_NC.shape[0]), a_NC.dtype)
-    return jnp.dot(ones, a_NC, preferred_element_type=jnp.float32)[0]
+def channel_sum(a_NC):
+    """Σ_n a[n, c] in float32 (XLA:CPU runs this column sum as one YNNPACK reduction)."""
+    return jnp.sum(a_NC, axis=0, dtype=F32)
+
+
+def _conv_f32(x_BHWC, w_33C, b_C):
+    _, H, W, _ = x_BHWC.shape
+    return _taps_sum(_pad(x_BHWC), w_33C, H, W, flip=False) + b_C.astype(F32)
+
+
+def _conv_grads(x_BHWC, w_33C, b_C, dy_BHWC):
+    """Gradients of the conv for the output cotangent dy: (dx, dw, db) in the inputs' dtypes."""
+    _, H, W, C = x_BHWC.shape
+    # dx is the same conv of dy with the kernel flipped in both spatial axes.
+    dx = _taps_sum(_pad(dy_BHWC), w_33C, H, W, flip=True).astype(x_BHWC.dtype)
+    xp = _pad(x_BHWC)
+    dy_NC = dy_BHWC.reshape(-1, C).astype(F32)
+    dw = jnp.stack(
+        [channel_sum(xp[:, i : i + H, j : j + W, :].reshape(-1, C) * dy_NC) for i, j in TAPS]
+    ).reshape(3, 3, C)
+    db = channel_sum(dy_NC)
+    return dx, dw.astype(w_33C.dtype), db.astype(b_C.dtype)
 
 
 @jax.custom_vjp
 def _shift_conv(x_BHWC, w_33C, b_C):
-    _, H, W, _ = x_BHWC.shape
-    return _taps_sum(_pad(x_BHWC), w_33C, H, W, flip=False) + b_C
+    return _conv_f32(x_BHWC, w_33C, b_C).astype(x_BHWC.dtype)
 
 
 def _shift_conv_fwd(x_BHWC, w_33C, b_C):
@@ -70,17 +106,35 @@ def _shift_conv_fwd(x_BHWC, w_33C, b_C):
 
 
 def _shift_conv_bwd(res, dy_BHWC):
-    x_BHWC, w_33C, b_C = res
-    _, H, W, C = x_BHWC.shape
-    # dx is the same conv of dy with the kernel flipped in both spatial axes.
-    dx = _taps_sum(_pad(dy_BHWC), w_33C, H, W, flip=True)
-    xp = _pad(x_BHWC)
-    dy_NC = dy_BHWC.reshape(-1, C)
-    dw = jnp.stack(
-        [_channel_sum(xp[:, i : i + H, j : j + W, :].reshape(-1, C) * dy_NC) for i, j in TAPS]
-    ).reshape(3, 3, C)
-    db = _channel_sum(dy_NC)
-    return dx, dw.astype(w_33C.dtype), db.astype(b_C.dtype)
+    res, dy_BHWC = lax.optimization_barrier((res, dy_BHWC))  # see _shift_conv_gelu_bwd
+    return _conv_grads(*res, dy_BHWC)
 
 
 _shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
+
+
+def gelu_grad(a):
+    """d/da of the exact GELU a·Φ(a): Φ(a) + a·φ(a)."""
+    cdf = 0.5 * (1.0 + lax.erf(a * (1.0 / math.sqrt(2.0))))
+    return cdf + a * jnp.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+@jax.custom_vjp
+def _shift_conv_gelu(x_BHWC, w_33C, b_C):
+    return jax.nn.gelu(_conv_f32(x_BHWC, w_33C, b_C), approximate=False).astype(x_BHWC.dtype)
+
+
+def _shift_conv_gelu_fwd(x_BHWC, w_33C, b_C):
+    return _shift_conv_gelu(x_BHWC, w_33C, b_C), (x_BHWC, w_33C, b_C)
+
+
+def _shift_conv_gelu_bwd(res, dy_BHWC):
+    # The barrier keeps XLA from computing what depends on x alone (the taps, in float32)
+    # during the forward pass and holding it for every block until the backward pass.
+    (x_BHWC, w_33C, b_C), dy_BHWC = lax.optimization_barrier((res, dy_BHWC))
+    # Recomputing the 9-tap sum costs less than storing it (an f32 copy of the MLP hidden).
+    da = dy_BHWC.astype(F32) * gelu_grad(_conv_f32(x_BHWC, w_33C, b_C))
+    return _conv_grads(x_BHWC, w_33C, b_C, da.astype(x_BHWC.dtype))
+
+
+_shift_conv_gelu.defvjp(_shift_conv_gelu_fwd, _shift_conv_gelu_bwd)
