@@ -9,6 +9,7 @@ reported hang was orbax threads keeping a failed process alive.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -105,6 +106,83 @@ class KillSwitch:
                     s.close()
                 except OSError:
                     pass
+
+
+def test_retry_schedule_default_is_two_minutes_and_reaches_tensorstore():
+    from at1_jax.checkpointing.retries import RetryPolicy
+
+    policy = RetryPolicy()
+    assert policy.delays() == [1, 2, 4, 8, 16, 30, 30, 30]  # 121 s: ≥ the budget, once over
+    assert policy.tensorstore_context() == {
+        "s3_request_retries": {"max_retries": 8, "initial_delay": "1.0s", "max_delay": "30.0s"}
+    }
+    assert RetryPolicy(2.0).delays() == [0.25, 0.5, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="retry seconds must be > 0, got -1"):
+        RetryPolicy(-1)
+
+
+def test_retry_async_logs_each_retry_then_gives_up_naming_the_request(caplog):
+    import asyncio
+
+    from at1_jax.checkpointing.retries import RetryPolicy, StorageUnavailable, retry_async
+
+    calls = []
+
+    async def refused_twice():
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise ConnectionRefusedError("refused")
+        return "ok"
+
+    policy, what = RetryPolicy(1.0), "S3 put_object s3://b/k at http://h:1"
+    transient = lambda e: isinstance(e, ConnectionError)  # noqa: E731
+    with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+        assert asyncio.run(retry_async(refused_twice, policy, what, transient)) == "ok"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{what} failed (ConnectionRefusedError: refused); retry {i} of 5 in {d:.1f} s, "
+        "giving up 1 s after the first failure"
+        for i, d in ((1, 0.125), (2, 0.25))
+    ]
+    assert calls[1] - calls[0] >= 0.125 and calls[2] - calls[1] >= 0.25
+
+    async def refused():
+        calls.append(time.monotonic())
+        raise ConnectionRefusedError("refused")
+
+    calls.clear()
+    with pytest.raises(StorageUnavailable) as err:
+        asyncio.run(retry_async(refused, policy, what, transient))
+    assert str(err.value) == (
+        f"{what}: no answer after 6 tries over 1 s (retry budget 1 s): "
+        "ConnectionRefusedError: refused"
+    )
+    assert 1.0 <= calls[-1] - calls[0] < 1.5 and len(calls) == 6
+
+    async def denied():
+        calls.append(time.monotonic())
+        raise PermissionError("AccessDenied")
+
+    calls.clear()
+    with pytest.raises(PermissionError):  # not transient: no retry
+        asyncio.run(retry_async(denied, policy, what, transient))
+    assert len(calls) == 1
+
+
+def test_s3_errors_worth_retrying():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from at1_jax.checkpointing.s3_orbax import _retryable
+
+    def client_error(status: int, code: str) -> ClientError:
+        response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(response, "PutObject")
+
+    wrapped = OSError("translated by s3fs")
+    wrapped.__cause__ = client_error(503, "SlowDown")
+    assert _retryable(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert _retryable(client_error(500, "InternalError")) and _retryable(wrapped)
+    assert not _retryable(client_error(403, "SignatureDoesNotMatch"))
+    assert not _retryable(FileNotFoundError("s3://b/k"))
 
 
 def values(step: int) -> np.ndarray:
@@ -268,6 +346,161 @@ def test_s3_killed_during_a_save_fails_it_within_the_retry_budget(tmp_path, poin
 @pytest.mark.parametrize("point", ["before", "during", "after"])
 def test_s3_killed_during_a_save_stops_every_process(tmp_path, point):
     _kill_during_save(tmp_path, point, nprocs=2)
+
+
+def _state(step: int, extra: bool = False) -> dict:
+    """values(step) sharded over the 4 test devices (with EMA/buffers for restore_params)."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    spec = NamedSharding(jax.make_mesh((4,), ("fsdp",)), P("fsdp"))
+    w = jax.device_put(values(step), spec)
+    if not extra:
+        return {"w": w}
+    small = jax.device_put(np.full((4, 4), step, np.float32), spec)
+    return {"params": {"w": small}, "ema": {"w": w}, "buffers": {"b": small}}
+
+
+def _abstract(tree: dict) -> dict:
+    import jax
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def _save_steps(url: str, extra: bool = False) -> None:
+    from at1_jax.checkpointing.checkpoints import Checkpoints
+
+    ck = Checkpoints(url)
+    for step in (1, 2, 3):
+        ck.save(step, _state(step, extra), {"step": step, "data_positions": [[0, 1, step]]})
+    ck.wait()
+    ck.close()
+
+
+def _flip_64_bytes(data: bytes) -> bytes:
+    """The bytes with 64 consecutive ones inverted, 3/8 into the file.
+
+    In a data file that is inside a chunk's values, away from the zstd frame headers at
+    the chunk boundaries (1/4, 1/2, 3/4 of a file of 4 equal chunks): TensorStore reads
+    such a flip back without an error, the case only the checksums catch.
+    """
+    out = bytearray(data)
+    start = len(out) * 3 // 8
+    out[start : start + 64] = bytes(b ^ 0xFF for b in out[start : start + 64])
+    return bytes(out)
+
+
+def _corrupt_local(folder: Path, target: str) -> None:
+    """Damage step 3 of a local checkpoint folder where `target` says."""
+    if target == "meta":  # still valid JSON: only the checksum can tell
+        f = folder / "3" / "meta" / "metadata"
+        text = f.read_text()
+        assert "[[0, 1, 3]]" in text
+        f.write_text(text.replace("[[0, 1, 3]]", "[[0, 1, 9]]"))
+        return
+    pattern = {"data": "3/state/ocdbt.process_0/d/*", "index": "3/state/d/*"}[target]
+    f = Path(max(glob.glob(str(folder / pattern)), key=os.path.getsize))
+    f.write_bytes(_flip_64_bytes(f.read_bytes()))
+
+
+@pytest.mark.parametrize("target", ["data", "index", "meta"])
+def test_a_corrupt_latest_step_is_refused_and_resume_falls_back(tmp_path, caplog, target):
+    from at1_jax.checkpointing.checkpoints import CheckpointError, Checkpoints
+
+    folder = tmp_path / "ckpt"
+    _save_steps(str(folder))
+    _corrupt_local(folder, target)
+    ck = Checkpoints(str(folder))
+    abstract = _abstract(_state(0))
+    with pytest.raises(CheckpointError, match=f"step 3 .*{folder}") as err:
+        ck.restore(3, abstract)
+    expected = {
+        "data": "1 of 1 arrays differ from the checksums written at save (w)",
+        "index": "Error decoding",  # TensorStore's own check of OCDBT nodes
+        "meta": "its metadata does not match the checksum written at save",
+    }[target]
+    assert expected in str(err.value) and err.value.step == 3
+    with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+        step, state, meta = ck.restore_latest(abstract)
+    assert step == 2 and meta == {"step": 2, "data_positions": [[0, 1, 2]]}
+    np.testing.assert_array_equal(np.asarray(state["w"]), values(2))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(f"checkpoint step 3 of {folder} is corrupt") for m in warnings) or any(
+        m.startswith(f"restoring step 3 from {folder} failed") for m in warnings
+    ), warnings
+    assert f"restored step 2 of {folder} instead of the newer corrupt step(s) 3" in warnings
+    # The resumed run saves step 3 again: the corrupt one is replaced, not kept as the latest.
+    ck.save(3, _state(3), {"step": 3, "data_positions": [[0, 1, 3]]})
+    ck.wait()
+    step, state, _ = ck.restore_latest(abstract)
+    ck.close()
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(state["w"]), values(3))
+
+
+def test_every_step_corrupt_is_an_error_naming_them(tmp_path):
+    from at1_jax.checkpointing.checkpoints import CheckpointError, Checkpoints
+
+    folder = tmp_path / "ckpt"
+    _save_steps(str(folder))
+    for step in (1, 2, 3):
+        f = Path(
+            max(glob.glob(str(folder / f"{step}/state/ocdbt.process_0/d/*")), key=os.path.getsize)
+        )
+        f.write_bytes(_flip_64_bytes(f.read_bytes()))
+    ck = Checkpoints(str(folder), read_only=True)
+    with pytest.raises(CheckpointError, match=f"no intact checkpoint in {folder}") as err:
+        ck.restore_latest(_abstract(_state(0)))
+    assert all(f"checkpoint step {s} of {folder} is corrupt" in str(err.value) for s in (1, 2, 3))
+
+
+def test_s3_corrupt_latest_step_falls_back(s3_env, request, caplog):
+    from at1_jax.checkpointing.checkpoints import Checkpoints
+
+    url = s3_env.url(f"{request.node.name}/ckpt")
+    _save_steps(url)
+    client, prefix = s3_env.client(), f"{request.node.name}/ckpt/3/state/ocdbt.process_0/d/"
+    objects = client.list_objects_v2(Bucket=s3_env.bucket, Prefix=prefix)["Contents"]
+    key = max(objects, key=lambda o: o["Size"])["Key"]
+    body = client.get_object(Bucket=s3_env.bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=s3_env.bucket, Key=key, Body=_flip_64_bytes(body))
+    ck = Checkpoints(url, read_only=True)
+    with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+        step, state, _ = ck.restore_latest(_abstract(_state(0)))
+    ck.close()
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), values(2))
+    assert any(f"checkpoint step 3 of {url} is corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_restore_params_skips_a_corrupt_latest_step(tmp_path, caplog):
+    from at1_jax.checkpointing.checkpoints import restore_params
+
+    folder = tmp_path / "ckpt"
+    _save_steps(str(folder), extra=True)
+    _corrupt_local(folder, "data")  # the largest array: the EMA weights
+    full = _state(0, extra=True)
+    abstract = _abstract({"params": full["ema"], "buffers": full["buffers"]})
+    with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+        restored, meta = restore_params(str(folder), abstract)
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), values(2))
+    np.testing.assert_array_equal(np.asarray(restored["buffers"]["b"]), np.full((4, 4), 2.0))
+    assert any("step 3" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_fall_back_together(tmp_path):
+    folder = tmp_path / "ckpt"
+    _save_steps(str(folder))  # one process with 4 devices; restored by 2 processes with 2 each
+    _corrupt_local(folder, "data")  # one chunk, read by one of the two processes
+    results = finish(run_workers("restore", str(folder), 2, {}))
+    for pid, (code, out, _) in enumerate(results):
+        assert code == 0, out[-3000:]
+        assert 'restored step 2 meta {"step": 2, "data_positions": [[0, 1, 2]]} exact True' in out
+        assert f"checkpoint step 3 of {folder} is corrupt" in out, (pid, out[-3000:])
 
 
 if __name__ == "__main__":

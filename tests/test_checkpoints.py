@@ -1,6 +1,7 @@
 """Orbax checkpoints, local and on a real S3 server: keep-K, atomicity, re-sharding, outages."""
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ def test_s3_step_without_commit_marker_is_not_a_step(s3_env, request):
 
 
 @pytest.mark.s3  # starts its own server, not through the s3_server fixture
-def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch, caplog):
     workdir = tmp_path / "weed"  # a server of its own: this test stops it
     proc, server = start_weed(workdir)
     try:
@@ -100,16 +101,22 @@ def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch):
             monkeypatch.setenv(k, v)
         mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
         url = server.url("outage/ckpt")
-        ck = Checkpoints(url)
+        ck = Checkpoints(url, retry_seconds=2)
         ck.save(1, _state(mesh), {"step": 1})
         ck.wait()
         big = {"w": jnp.ones((512, 1024))}  # 2 MiB: the upload is still running when S3 dies
+        started = time.monotonic()
         with pytest.raises(CheckpointError) as err:
             ck.save(2, big, {"step": 2})
             stop_weed(proc)
             ck.wait()
-        assert "s3://at1-test/outage/ckpt" in str(err.value)
-        assert "Could not connect to the endpoint URL" in str(err.value)
+        # 2 s of retries per request, a few requests in a row: far from orbax's 5-15 min.
+        assert time.monotonic() - started < 30
+        assert str(err.value).startswith("saving step 2 to s3://at1-test/outage/ckpt failed:")
+        assert server.endpoint[len("http://") :] in str(err.value)
+        retries = [r.getMessage() for r in caplog.records if "retry 1 of" in r.getMessage()]
+        assert retries and "giving up 2 s after the first failure" in retries[0]
+        ck.close()
     finally:
         stop_weed(proc)
     proc, server = start_weed(workdir)  # same data folder, new ports
@@ -123,3 +130,8 @@ def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(state["w"], np.arange(64.0).reshape(8, 8))
     finally:
         stop_weed(proc)
+
+
+def test_retry_seconds_must_be_positive(tmp_path):
+    with pytest.raises(CheckpointError, match=f"checkpoints {tmp_path}: retry seconds must be > 0"):
+        Checkpoints(str(tmp_path), retry_seconds=0)

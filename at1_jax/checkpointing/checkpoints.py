@@ -31,6 +31,7 @@ STATE, META = "state", "meta"
 INTEGRITY = "_integrity"  # the checksums, inside meta; never returned to callers
 AGREE_SECONDS = 1200  # only a dead process makes the others wait this long
 # What TensorStore, orbax and json say when the bytes they read are not what was written.
+_ORBAX_READ_WRAPPER = "Encountered error while reading array index"
 _CORRUPTION = re.compile(r"DATA_LOSS|[Dd]ata corruption|Error decoding|checksum|[Mm]agic")
 
 
@@ -60,11 +61,19 @@ def _chain(error: BaseException):
 
 
 def _reason(error: BaseException) -> str:
-    """The most telling message in an exception chain: ours, else the first one."""
-    for e in _chain(error):
+    """The most telling message in an exception chain: ours, else the first one.
+
+    Orbax wraps each TensorStore read error in a message that prints a bound method in
+    place of the spec; the TensorStore error under it is the one worth reading.
+    """
+    chain = list(_chain(error))
+    for e in chain:
         if isinstance(e, retries.StorageUnavailable | coordination.Aborted):
             return str(e)
-    return f"{type(error).__name__}: {error}" if not str(error) else str(error)
+    for e in chain:
+        if str(e) and not str(e).startswith(_ORBAX_READ_WRAPPER):
+            return str(e)
+    return type(error).__name__
 
 
 def _kind(error: BaseException) -> str:
