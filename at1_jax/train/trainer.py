@@ -362,7 +362,8 @@ def _train(cfg, pinned, stop, closers) -> int:
         )
     positions = [[0, 0, 0]] * streams
     if latest is not None:
-        saved = _restore_meta(ckpts, latest).get("config") or {}
+        latest, recorded = _newest_meta(ckpts)
+        saved = recorded.get("config") or {}
         layout = layout_changes(saved, cfg) if saved else []
         if layout:
             raise config.ConfigError(
@@ -373,13 +374,21 @@ def _train(cfg, pinned, stop, closers) -> int:
             )
         changes = config_changes(saved, cfg) if saved else []
         if latest >= cfg.steps:
-            return _finished(cfg, ckpts, spec, latest, changes)
-        if changes:
-            _say(f"resuming from step {latest} with changed settings: {'; '.join(changes)}")
+            _refuse_changes_to_finished(cfg, latest, changes)
+            if exported_step(cfg.run_dir) == latest:
+                out = os.path.join(cfg.run_dir, WEIGHTS_DIR)
+                _say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
+                return 0
     if not stop.multi and stop.requested_here:  # one process: no agreement needed
         return _stopped_early(latest)
     if latest is not None:
-        state, meta = ckpts.restore(latest, spec.abstract)
+        # The newest step whose arrays match their checksums (a corrupt one is skipped with
+        # a warning naming it); it is `latest` unless that one is damaged.
+        latest, state, meta = ckpts.restore_latest(spec.abstract)
+        if latest >= cfg.steps:
+            return _export_finished(cfg, state, latest, meta)
+        if changes:
+            _say(f"settings changed since step {latest}: {'; '.join(changes)}")
         saved_positions = meta.get("data_positions") or positions
         if len(saved_positions) == streams:
             positions = saved_positions
@@ -428,28 +437,14 @@ def _train(cfg, pinned, stop, closers) -> int:
             "latent_scale": ds.latent_scale,
         },
     }
-    saved_step, in_flight = latest, False  # the latest save (started or done), None: none
-
-    def finish_save():
-        """Wait for the pending asynchronous save; its failure names its own step."""
-        nonlocal in_flight
-        if not in_flight:
-            return
-        in_flight = False
-        try:
-            ckpts.wait()
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(
-                f"saving step {saved_step} to {where} failed: {e.__cause__ or e}"
-            ) from e
+    saved_step = latest  # the latest save, started or done (None: no checkpoint yet)
 
     def save(step: int, data_positions: list[data.Position]):
-        nonlocal saved_step, in_flight
-        finish_save()  # orbax would wait for it inside save() and blame this step
+        nonlocal saved_step
         flat = [v for p in data_positions for v in dataclasses.astuple(p)]
         rows = [r[i : i + 3] for r in distributed.allgather_rows(flat) for i in range(0, len(r), 3)]
         ckpts.save(step, state, {**meta_base, "step": step, "data_positions": rows})
-        saved_step, in_flight = step, True
+        saved_step = step
 
     def check(step: int, metrics: dict) -> dict:
         host = jax.device_get(metrics)
@@ -489,14 +484,14 @@ def _train(cfg, pinned, stop, closers) -> int:
                 write_grid(cfg.run_dir, step, pages)
                 reporter.image(step, pages[0])
         if preempted:
-            finish_save()
+            ckpts.wait()  # the checkpoint the message speaks of is complete
             reporter.message(f"stop signal: checkpoint of step {step} saved, exiting")
             break
         if step < cfg.steps:
             batch = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     if pending is not None:
         reporter.step(pending[0], check(*pending))
-    finish_save()
+    ckpts.wait()  # raises a failed background save, naming its step
     if step == cfg.steps:
         out = export_ema(state, cfg, step, meta_base["dataset"])
         reporter.message(f"done: {step} steps; EMA weights in {out}")
@@ -506,32 +501,32 @@ def _train(cfg, pinned, stop, closers) -> int:
     return 0
 
 
-def _restore_meta(ckpts: checkpoint.Checkpoints, step: int) -> dict:
-    try:
-        return ckpts.restore_meta(step)
-    except Exception as e:  # orbax/tensorstore raise many kinds
-        raise checkpoint.CheckpointError(
-            f"reading the metadata of step {step} in {ckpts.path} failed: {e}"
-        ) from e
+def _newest_meta(ckpts: checkpoint.Checkpoints) -> tuple[int, dict]:
+    """(step, metadata) of the newest step whose metadata matches its checksum."""
+    for step in reversed(ckpts.steps()):
+        try:
+            return step, ckpts.restore_meta(step)
+        except checkpoint.CorruptCheckpoint as e:
+            log.warning("%s; trying the previous complete step", e)
+    raise checkpoint.CheckpointError(f"no checkpoint in {ckpts.path} has intact metadata")
 
 
-def _finished(cfg, ckpts, spec, latest: int, changes: list[str]) -> int:
-    """A rerun of a run that has no step left: export if needed, never retrain or rewrite."""
-    where = cfg.checkpoint_dir
+def _refuse_changes_to_finished(cfg, latest: int, changes: list[str]) -> None:
+    """A run with no step left trains nothing: settings it cannot apply are an error."""
     if changes:
         raise config.ConfigError(
-            f"{where} already holds step {latest} and config.steps={cfg.steps}: nothing is left "
-            f"to train, so these changes cannot apply: {'; '.join(changes)}. Nothing was "
-            f"trained and {cfg.run_dir}/config.json is unchanged. Raise config.steps above "
-            f"{latest} to continue this run with them, or train them in a new run_dir"
+            f"{cfg.checkpoint_dir} already holds step {latest} and config.steps={cfg.steps}: "
+            f"nothing is left to train, so these changes cannot apply: {'; '.join(changes)}. "
+            f"Nothing was trained and {cfg.run_dir}/config.json is unchanged. Raise "
+            f"config.steps above {latest} to continue this run with them, or train them in a "
+            "new run_dir"
         )
-    out = os.path.join(cfg.run_dir, WEIGHTS_DIR)
-    if exported_step(cfg.run_dir) == latest:
-        _say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
-        return 0
-    state, meta = ckpts.restore(latest, spec.abstract)
-    export_ema(state, cfg, latest, meta.get("dataset") or {})
-    _say(f"already finished at step {latest}; its EMA weights were exported to {out}")
+
+
+def _export_finished(cfg, state: dict, step: int, meta: dict) -> int:
+    """A finished run whose weights are missing or older: export them, never retrain."""
+    out = export_ema(state, cfg, step, meta.get("dataset") or {})
+    _say(f"already finished at step {step}; its EMA weights were exported to {out}")
     return 0
 
 
@@ -554,8 +549,9 @@ _QUIET_ABSL = _NoBackgroundTracebacks()
 
 def main(argv=None) -> int:
     stop = distributed.StopSignal()  # first: a signal during start-up stops cleanly
-    # absl's import-time basicConfig() got there first: replace it. Libraries stay at WARNING.
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    # Usually a no-op: absl calls basicConfig() when orbax is imported. Either way the root
+    # logger keeps WARNING (libraries stay quiet) and at1_jax's own INFO lines get through.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").addFilter(_QUIET_ABSL)
     try:
         cfg, pinned, dry_run = parse_args(argv)
