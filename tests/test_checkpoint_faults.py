@@ -225,7 +225,7 @@ def _worker(mode: str, url: str, pid: int, nprocs: int, coordinator: str) -> int
         print("saved step 2", flush=True)
         return 0
     except CheckpointError as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}\nraised {type(e).__name__}", flush=True)
         return 2
     finally:
         ck.close()
@@ -303,6 +303,7 @@ def _kill_during_save(tmp_path, point: str, nprocs: int):
             assert len(errors) == 1, out[-3000:]
             assert errors[0].startswith(f"error: saving step 2 to {url} failed:"), errors[0]
             assert _names_endpoint(errors[0], switch.endpoint), errors[0]
+            assert "raised CheckpointStorageError" in out  # the trainer's "rerun later" code
             assert exited - switch.killed_at < EXIT_BOUND_SECONDS, (pid, out[-3000:])
         retried = [out for _, out, _ in results if re.search(r"retry 1 of \d+ in", out)]
         assert retried, results[0][1][-3000:]
@@ -346,6 +347,32 @@ def test_s3_killed_during_a_save_fails_it_within_the_retry_budget(tmp_path, poin
 @pytest.mark.parametrize("point", ["before", "during", "after"])
 def test_s3_killed_during_a_save_stops_every_process(tmp_path, point):
     _kill_during_save(tmp_path, point, nprocs=2)
+
+
+@pytest.mark.s3
+def test_s3_down_at_restore_is_a_storage_error_without_fallback(tmp_path, monkeypatch, caplog):
+    from fixtures_s3 import start_weed, stop_weed
+
+    from at1_jax.checkpointing.checkpoints import Checkpoints, CheckpointStorageError
+
+    proc, server = start_weed(tmp_path / "weed")
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        url = server.url("down/ckpt")
+        _save_steps(url)
+        ck = Checkpoints(url, read_only=True, retry_seconds=RETRY_SECONDS)
+        stop_weed(proc)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+            with pytest.raises(CheckpointStorageError, match=f"restoring step 3 from {url} failed"):
+                ck.restore_latest(_abstract(_state(0)))
+        assert time.monotonic() - started < EXIT_BOUND_SECONDS
+        assert not any("previous complete step" in r.getMessage() for r in caplog.records)
+        with pytest.raises(CheckpointStorageError, match=f"cannot open checkpoint folder {url}"):
+            Checkpoints(url, retry_seconds=RETRY_SECONDS)
+    finally:
+        stop_weed(proc)
 
 
 def _state(step: int, extra: bool = False) -> dict:

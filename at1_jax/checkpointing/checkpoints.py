@@ -32,11 +32,17 @@ INTEGRITY = "_integrity"  # the checksums, inside meta; never returned to caller
 AGREE_SECONDS = 1200  # only a dead process makes the others wait this long
 # What TensorStore, orbax and json say when the bytes they read are not what was written.
 _ORBAX_READ_WRAPPER = "Encountered error while reading array index"
+# What a storage request that ran out of retries says: ours (s3fs) and TensorStore's (curl).
+_STORAGE = re.compile(r"no answer after \d+ tries|UNAVAILABLE|CURL error|retry attempts failed")
 _CORRUPTION = re.compile(r"DATA_LOSS|[Dd]ata corruption|Error decoding|checksum|[Mm]agic")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
+
+
+class CheckpointStorageError(CheckpointError):
+    """Storage did not answer within the retry budget; earlier steps are intact: rerun later."""
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -79,7 +85,7 @@ def _reason(error: BaseException) -> str:
 def _kind(error: BaseException) -> str:
     """'storage', 'aborted', 'corrupt' or 'error' (decides whether an older step is tried)."""
     chain = list(_chain(error))
-    if any(isinstance(e, retries.StorageUnavailable) for e in chain):
+    if any(isinstance(e, retries.StorageUnavailable) or _STORAGE.search(str(e)) for e in chain):
         return "storage"
     if any(isinstance(e, coordination.Aborted) for e in chain):
         return "aborted"
@@ -90,11 +96,9 @@ def _kind(error: BaseException) -> str:
     return "error"
 
 
-def _with_integrity(state: dict, meta: dict) -> dict:
-    return {
-        **meta,
-        INTEGRITY: {"arrays": checksums.arrays(state), "meta_sha256": checksums.metadata(meta)},
-    }
+def _array_checksums(tree: dict, name: str) -> dict[str, str]:
+    """Checksums of `tree`'s arrays, with the partial sums of all processes added up."""
+    return checksums.arrays(tree, lambda local: coordination.allgather(name, local, AGREE_SECONDS))
 
 
 class Checkpoints:
@@ -143,7 +147,10 @@ class Checkpoints:
                 _directory(path), options=options, item_names=(STATE, META)
             )
         except Exception as e:
-            raise CheckpointError(f"cannot open checkpoint folder {path}: {_reason(e)}") from e
+            message = f"cannot open checkpoint folder {path}: {_reason(e)}"
+            if _kind(e) == "storage":
+                raise CheckpointStorageError(message) from e
+            raise CheckpointError(message) from e
 
     def _begin(self, what: str) -> None:
         if self._s3:
@@ -162,7 +169,10 @@ class Checkpoints:
         self._failed = True
         reason = coordination.failure() or _reason(error)
         coordination.report_failure(reason)
-        return CheckpointError(f"saving step {step} to {self.path} failed: {reason}")
+        message = f"saving step {step} to {self.path} failed: {reason}"
+        if _STORAGE.search(reason):
+            return CheckpointStorageError(message)
+        return CheckpointError(message)
 
     def _settle(self) -> None:
         """Wait for the pending background save; raise its failure as a CheckpointError."""
@@ -186,10 +196,14 @@ class Checkpoints:
                 log.warning("deleting corrupt checkpoint step %d of %s", bad, self.path)
                 self._manager.delete(bad)
             self._corrupt.clear()
+            integrity = {
+                "arrays": _array_checksums(state, f"{self._tag}/checksums/save/{step}"),
+                "meta_sha256": checksums.metadata(meta),
+            }
             args = ocp.args.Composite(
                 **{
                     STATE: ocp.args.StandardSave(state),
-                    META: ocp.args.JsonSave(_with_integrity(state, meta)),
+                    META: ocp.args.JsonSave({**meta, INTEGRITY: integrity}),
                 }
             )
             self._manager.save(step, args=args, force=True)
@@ -220,6 +234,8 @@ class Checkpoints:
         message = f"restoring step {step} from {self.path} failed{where}: {reason}"
         if all(k == "corrupt" for k, _ in real.values()):
             raise CorruptCheckpoint(step, message)
+        if any(k == "storage" for k, _ in real.values()):
+            raise CheckpointStorageError(message)
         raise CheckpointError(message)
 
     def _verified_meta(self, step: int, meta: dict) -> tuple[dict, dict | None]:
@@ -245,7 +261,7 @@ class Checkpoints:
         if integrity is None:
             return
         expected = integrity["arrays"]
-        found = checksums.arrays(tree)  # collective: every process got here (see _restore)
+        found = _array_checksums(tree, f"{self._tag}/checksums/restore/{step}")
         bad = sorted(k for k, v in found.items() if expected.get(k) != v)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

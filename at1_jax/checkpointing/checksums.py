@@ -1,24 +1,31 @@
 """Checksums of a checkpoint's arrays and metadata, written at save and compared at restore.
 
-Array checksums are computed on the devices that hold the shards: a byte-wise hash would
-need every array gathered onto one host, which a multi-host run cannot do. Each element's
-bits are mixed with its flat index (murmur3's 32-bit finaliser) and summed modulo 2**32,
-twice with different seeds. Integer sums modulo 2**32 do not depend on the order of
-addition, so the result is identical for any sharding, mesh or process count, and a
-restore onto another layout is verified exactly. Metadata is covered by a sha256 of its
-canonical JSON.
+Array checksums are computed where the shards live: a byte-wise hash would need every
+array gathered onto one host, which a multi-host run cannot do. Each element's bits are
+mixed with its index in the global array (murmur3's 32-bit finaliser) and summed modulo
+2**32, twice with different seeds. Integer sums modulo 2**32 do not depend on the order of
+addition, so adding up one copy of every shard gives the same value for any sharding, mesh
+or process count: a restore onto another layout is verified exactly. Each shard is summed
+by a single-device program (no collectives: XLA:CPU deadlocked on hundreds of small
+all-reduces in flight), and the processes add their partial sums on the host.
+Metadata is covered by a sha256 of its canonical JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _SEEDS = (0x9E3779B9, 0x7F4A7C15)
+_MASK = 2**32 - 1
 
 
 def _fmix32(x: jax.Array) -> jax.Array:
@@ -30,56 +37,127 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (64-bit elements give two words, on a last axis)."""
+    """The array's bits as uint32 words (64-bit elements and PRNG keys add a last axis)."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     width = jnp.dtype(x.dtype).itemsize
-    if width == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
     if width < 4:
         unsigned = {1: jnp.uint8, 2: jnp.uint16}[width]
         return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., width // 4)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
 
 
-def _leaf(x: jax.Array) -> tuple[jax.Array, ...]:
-    words = _words(x)
-    # Flat index from per-axis iotas: elementwise, so the array keeps its sharding.
+def _sums(words: jax.Array, starts: list, strides: list) -> jax.Array:
+    """Both seeded sums of a block of words whose first element sits at `starts`."""
     index = jnp.zeros(words.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(words.ndim)):
+    for axis in range(words.ndim):
         iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
-        index = index + iota * jnp.uint32(stride % 2**32)
-        stride *= words.shape[axis]
-    # Scalars: XLA cannot shard them, so every process holds both sums.
-    return tuple(
-        jnp.sum(_fmix32(words ^ _fmix32(index + jnp.uint32(seed))), dtype=jnp.uint32)
-        for seed in _SEEDS
-    )
+        index = index + (iota + starts[axis]) * strides[axis]
+    seeded = [_fmix32(words ^ _fmix32(index + jnp.uint32(s))) for s in _SEEDS]
+    return jnp.stack([jnp.sum(h, dtype=jnp.uint32) for h in seeded])
+
+
+def _strides(shape: tuple[int, ...], dtype) -> tuple[tuple[int, ...], list[int]]:
+    """Shape and strides of the array in words (wrapped to uint32)."""
+    extra = jax.eval_shape(_words, jax.ShapeDtypeStruct((), dtype)).shape
+    dims = (*shape, *extra)
+    strides, stride = [], 1
+    for d in reversed(dims):
+        strides.append(stride & _MASK)
+        stride *= d
+    return dims, strides[::-1]
+
+
+def _axis_names(entry) -> tuple:
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+@functools.cache
+def _sharded_program(mesh, spec, shape: tuple[int, ...], dtype):
+    """One SPMD program per layout: each device sums its block, with no collective.
+
+    A device holding a copy of a block (replicated axes) adds nothing for it. The result
+    has one row per device.
+    """
+    _, strides = _strides(shape, dtype)
+    entries = [*spec, *[None] * (len(shape) - len(spec))]
+    used = {n for e in entries for n in _axis_names(e)}
+
+    def local(block):
+        words = _words(block)
+        starts = []
+        for dim, entry in enumerate(entries):
+            position = jnp.uint32(0)
+            for name in _axis_names(entry):
+                position = position * jnp.uint32(mesh.shape[name]) + jax.lax.axis_index(name)
+            starts.append(position.astype(jnp.uint32) * jnp.uint32(block.shape[dim]))
+        starts += [jnp.uint32(0)] * (words.ndim - len(starts))
+        copy = jnp.zeros((), jnp.bool_)
+        for name in set(mesh.axis_names) - used:
+            copy = copy | (jax.lax.axis_index(name) != 0)
+        sums = _sums(words, starts, [jnp.uint32(s) for s in strides])
+        return jnp.where(copy, jnp.uint32(0), sums)[None]
+
+    rows = P(tuple(mesh.axis_names))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=rows, check_vma=False))
 
 
 @jax.jit
-def _digests(leaves: list) -> list:
-    return [_leaf(x) for x in leaves]
+def _single_device_program(shard: jax.Array, starts: jax.Array, strides: jax.Array):
+    return _sums(_words(shard), list(starts), list(strides))
+
+
+def _leaf_sums(leaf: jax.Array) -> list[jax.Array]:
+    """Partial sums (on device) of this process's share of `leaf`."""
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding) and leaf.ndim:
+        rows = _sharded_program(sharding.mesh, sharding.spec, leaf.shape, leaf.dtype)(leaf)
+        return [s.data[0] for s in rows.addressable_shards]
+    dims, strides = _strides(leaf.shape, leaf.dtype)
+    out = []
+    for shard in leaf.addressable_shards:
+        if shard.replica_id:  # a replicated shard counts once, wherever it lives
+            continue
+        starts = [(s.start or 0) for s in shard.index] + [0] * (len(dims) - leaf.ndim)
+        out.append(
+            _single_device_program(
+                shard.data, np.array(starts, np.uint32), np.array(strides, np.uint32)
+            )
+        )
+    return out
 
 
 def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def arrays(tree) -> dict[str, str]:
-    """{'params/blocks/0/w': 16 hex digits, …} for every array leaf of `tree`."""
-    named = jax.tree_util.tree_leaves_with_path(tree)
-    if not named:
-        return {}
-    values = _digests([jnp.asarray(v) for _, v in named])
-    out = {}
-    for (path, _), sums in zip(named, values, strict=True):
-        words = [int(np.asarray(s.addressable_data(0))) for s in sums]
-        out[_path_name(path)] = "".join(f"{w:08x}" for w in words)
-    return out
+def _local_sums(tree) -> dict[str, list[int]]:
+    """This process's share of each leaf's sums: one copy of each block it holds."""
+    pending = {
+        _path_name(path): _leaf_sums(jnp.asarray(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    host = jax.device_get(pending)
+    return {
+        name: [int(sum(int(p[i]) for p in parts) & _MASK) for i in range(len(_SEEDS))]
+        for name, parts in host.items()
+    }
+
+
+def arrays(tree, exchange: Callable[[str], list[str]] | None = None) -> dict[str, str]:
+    """{'params/blocks/0/w': 16 hex digits, …} for every array leaf of `tree`.
+
+    `exchange` publishes this process's partial sums and returns every process's (as
+    JSON text); with one process it is not needed.
+    """
+    local = _local_sums(tree)
+    parts = [json.loads(p) for p in exchange(json.dumps(local))] if exchange else [local]
+    return {
+        name: "".join(f"{sum(p[name][i] for p in parts) & _MASK:08x}" for i in range(len(_SEEDS)))
+        for name in local
+    }
 
 
 def metadata(meta: dict) -> str:

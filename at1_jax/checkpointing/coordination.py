@@ -26,6 +26,7 @@ class Aborted(RuntimeError):
 _lock = threading.Lock()
 _operation: str | None = None
 _counts: dict[str, int] = {}
+_failed_here: dict[str, str] = {}  # operation -> the first failure this process reported
 
 
 def _client():
@@ -41,6 +42,7 @@ def begin(operation: str) -> None:
     global _operation
     with _lock:
         _operation = operation
+        _failed_here.clear()
 
 
 def operation() -> str | None:
@@ -54,7 +56,11 @@ def _abort_key(op: str) -> str:
 def report_failure(message: str) -> None:
     """Tell every process that the current operation failed here (the first report wins)."""
     client, op = _client(), _operation
-    if client is None or op is None:
+    if op is None:
+        return
+    with _lock:
+        _failed_here.setdefault(op, message)
+    if client is None:
         return
     try:
         client.key_value_set(_abort_key(op), f"process {jax.process_index()}: {message}")
@@ -65,12 +71,14 @@ def report_failure(message: str) -> None:
 def failure() -> str | None:
     """The failure reported for the current operation by any process, if any."""
     client, op = _client(), _operation
-    if client is None or op is None:
+    if op is None:
         return None
-    try:
-        return client.key_value_try_get(_abort_key(op))
-    except Exception:
-        return None
+    if client is not None:
+        try:
+            return client.key_value_try_get(_abort_key(op))
+        except Exception:  # nothing reported by any process (or the store is gone)
+            pass
+    return _failed_here.get(op)
 
 
 def _gather(name: str, value: str, timeout_s: float, abortable: bool) -> dict[int, str]:
@@ -119,6 +127,14 @@ def barrier(name: str, timeout_s: float) -> None:
 def orbax_barrier(*, key: str, timeout_ms: int) -> None:
     """`barrier` with orbax's `barrier_sync_fn` signature."""
     barrier(key, timeout_ms / 1000)
+
+
+def allgather(name: str, value: str, timeout_s: float) -> list[str]:
+    """Every process's `value` for `name`, in process order (not stopped by failures)."""
+    if _client() is None:
+        return [value]
+    values = _gather(name, value, timeout_s, abortable=False)
+    return [values[p] for p in sorted(values)]
 
 
 def agree(name: str, error: str | None, timeout_s: float) -> dict[int, str]:

@@ -67,8 +67,13 @@ async def retry_async(
     policy: RetryPolicy,
     what: str,
     retryable: Callable[[BaseException], bool],
+    abandon: Callable[[], str | None] = lambda: None,
 ):
-    """`await call()`, retried on `retryable` errors per `policy`; logs one line per retry."""
+    """`await call()`, retried on `retryable` errors per `policy`; logs one line per retry.
+
+    `abandon()` returning a message stops the retries early: the operation this request
+    belongs to has already failed (here or in another process), so waiting helps no one.
+    """
     delays = policy.delays()
     first_failure, attempt = None, 0
     while True:
@@ -80,6 +85,9 @@ async def retry_async(
             now = time.monotonic()
             first_failure = first_failure or now
             elapsed = now - first_failure
+            given_up = abandon()
+            if given_up is not None:
+                raise StorageUnavailable(f"{what}: not retried, already failed: {given_up}") from e
             if attempt == len(delays) or elapsed >= policy.seconds:
                 raise StorageUnavailable(
                     f"{what}: no answer after {attempt + 1} tries over {elapsed:.0f} s "

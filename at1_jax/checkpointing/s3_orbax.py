@@ -175,7 +175,11 @@ def _retrying_filesystem_class():
             call = super()._call_s3
             try:
                 return await retries.retry_async(
-                    lambda: call(method, *akwarglist, **kwargs), _policy, what, _retryable
+                    lambda: call(method, *akwarglist, **kwargs),
+                    _policy,
+                    what,
+                    _retryable,
+                    abandon=coordination.failure,
                 )
             except retries.StorageUnavailable as e:
                 coordination.report_failure(str(e))
