@@ -375,6 +375,42 @@ def test_s3_down_at_restore_is_a_storage_error_without_fallback(tmp_path, monkey
         stop_weed(proc)
 
 
+def test_array_checksums_ignore_the_layout_and_see_one_flipped_bit():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from at1_jax.checkpointing import checksums
+
+    x = np.random.default_rng(0).standard_normal((8, 12), dtype=np.float32)
+    mesh = jax.make_mesh((2, 2), ("data", "fsdp"))
+    layouts = [
+        jax.device_put(x, NamedSharding(mesh, P("fsdp", None))),
+        jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp")))),
+        jax.device_put(x, NamedSharding(mesh, P())),  # replicated: each block counts once
+        jax.device_put(x, jax.devices()[3]),
+    ]
+    sums = {checksums.arrays({"x": a})["x"] for a in layouts}
+    assert len(sums) == 1
+    flipped = x.copy()
+    flipped.view(np.uint32)[5, 7] ^= 1 << 9
+    swapped = x.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]  # same values, other places
+    for other in (flipped, swapped):
+        assert checksums.arrays({"x": jnp.asarray(other)})["x"] not in sums
+    others = {
+        "bf16": jnp.asarray(x, jnp.bfloat16),
+        "int": jnp.arange(10, dtype=jnp.int32),
+        "bool": jnp.array([True, False]),
+        "key": jax.random.key(3),
+        "scalar": jnp.int32(5),
+    }
+    digests = checksums.arrays(others)
+    assert sorted(digests) == sorted(others) and all(len(d) == 16 for d in digests.values())
+    assert digests == checksums.arrays(jax.tree.map(lambda a: a, others))
+
+
 def _state(step: int, extra: bool = False) -> dict:
     """values(step) sharded over the 4 test devices (with EMA/buffers for restore_params)."""
     import jax
