@@ -23,13 +23,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import SafetensorError
 
+from at1_io import schema
 from at1_jax.checkpointing import checkpoints as checkpoint
-from at1_jax.checkpointing.load import MissingFiles, load_model
+from at1_jax.checkpointing import model_card
+from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
 from at1_jax.model import weights
 from at1_jax.model.denoiser import NUMERICS, Denoiser, count_params
 from at1_jax.model.flops import analytic_train_flops
 from at1_jax.model.presets import PRESETS
-from at1_jax.train import config, data, distributed, reporting, sharding
+from at1_jax.train import config, data, distributed, reporting, sharding, validation
 from at1_jax.train import step as train_step
 from at1_jax.train.reporting import Reporter
 from at1_jax.train.sample_grids import SampleGrids, write_grid
@@ -44,7 +46,7 @@ SIZE_FIELDS = ("latent_channels", "latent_size", "text_dim")
 # settings may change on resume and mean nothing to a finished run.
 _RESULT_FIELDS = ("seed", "steps")
 _RESULT_SECTIONS = ("model.", "objective.", "data.", "optim.")
-_NOT_RESULT = ("data.prefetch",)
+_NOT_RESULT = ("data.prefetch", "data.val_path", "data.licenses")
 
 
 class TrainingError(RuntimeError):
@@ -149,6 +151,20 @@ def check_fit(cfg: config.TrainConfig) -> None:
         )
 
 
+def validation_set(cfg: config.TrainConfig, ds: data.Dataset):
+    """The held-out samples the validation loss uses, or None (off, or no split)."""
+    if not cfg.log.val_every:
+        return None
+    found = validation.find_split(ds, cfg.data.val_path)
+    if found is None:
+        _say(
+            f"no validation split in {ds.root} (data_prep.encode --val-fraction or "
+            "--val-input writes one; data.val_path names another data set): no validation loss"
+        )
+        return None
+    return validation.load_split(*found, cfg.log.val_samples)
+
+
 def initial_model(cfg: config.TrainConfig):
     """Weights to fine-tune from (`init_from`), or None to start from the seed."""
     path = cfg.checkpoint.init_from
@@ -165,8 +181,23 @@ def initial_model(cfg: config.TrainConfig):
     return model
 
 
-def export_ema(state: dict, cfg: config.TrainConfig, step: int, dataset: dict) -> str:
-    """Write the EMA weights to RUN/weights (gathered to process 0), complete or absent."""
+def parent_of(cfg: config.TrainConfig) -> dict | None:
+    """What a fine-tune records of the weights it starts from (`init_from`) and their card."""
+    path = cfg.checkpoint.init_from
+    if not path:
+        return None
+    try:
+        return model_card.parent_record(path, card_of(path))
+    except (MissingFiles, model_card.CardError, ValueError) as e:
+        raise config.ConfigError(f"config.checkpoint.init_from: {e}") from e
+
+
+def export_ema(state: dict, cfg: config.TrainConfig, step: int, meta: dict) -> str:
+    """Write the EMA weights to RUN/weights (gathered to process 0), complete or absent.
+
+    `meta`: the metadata of the step's checkpoint: dataset.json and the model card come
+    from it.
+    """
     directory = os.path.join(cfg.run_dir, WEIGHTS_DIR)
     arrays = {"params": state["ema"], "buffers": state["buffers"]}
     host = multihost_utils.process_allgather(arrays, tiled=True)
@@ -183,7 +214,8 @@ def export_ema(state: dict, cfg: config.TrainConfig, step: int, dataset: dict) -
             shutil.rmtree(leftover, ignore_errors=True)
         weights.save(tmp, cfg.model, flat)
         with open(os.path.join(tmp, weights.DATASET_FILE), "w") as f:
-            json.dump({**dataset, "step": step}, f, indent=2)
+            json.dump({**(meta.get("dataset") or {}), "step": step}, f, indent=2)
+        model_card.write(tmp, model_card.from_training_meta(meta))
         if os.path.exists(directory):
             os.rename(directory, old)
         os.rename(tmp, directory)
@@ -260,13 +292,14 @@ def dry_run_report(cfg: config.TrainConfig, pinned: frozenset[str]) -> int:
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
     cfg = fit_to_dataset(cfg, ds, pinned)
     check_fit(cfg)
+    licenses = data.check_licenses(ds, config.allowed_licenses(cfg.data.licenses))
     m = ds.manifest
     print(config.to_json(cfg))
     print(
         f"data set {ds.root}: {m.num_samples} training samples in {len(m.shards)} shards, "
         f"{m.val_num_samples} held out; latents {tuple(ds.latent_shape)} × "
-        f"{ds.latent_scale:g}, text {ds.text_name} ({ds.text_dim}-d); licences "
-        f"{dict(sorted(m.licenses.items())) or 'unknown'}"
+        f"{ds.latent_scale:g}, text {ds.text_name} ({ds.text_dim}-d); training-split "
+        f"licences {licenses} (allowed: {cfg.data.licenses})"
     )
     epochs = cfg.steps * cfg.data.batch_size / max(m.num_samples, 1)
     print(
@@ -326,6 +359,8 @@ def _train(cfg, pinned, stop, closers) -> int:
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
     cfg = fit_to_dataset(cfg, ds, pinned)
     check_fit(cfg)
+    licenses = data.check_licenses(ds, config.allowed_licenses(cfg.data.licenses))
+    vset = validation_set(cfg, ds)
     try:
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except ValueError as e:
@@ -402,9 +437,14 @@ def _train(cfg, pinned, stop, closers) -> int:
             )
             positions = [[epoch, 0, 0]] * streams
         start = int(meta["step"])
+        # Checkpoints written before provenance counting hold none: counted from here on.
+        consumed_before = data.Consumed.from_dict(meta.get("consumed"))
+        counted_from = meta.get("consumed_from_step", 0 if "consumed" in meta else start)
+        parent, last_val = meta.get("parent"), meta.get("validation")
     else:
         state = train_step.init_state(cfg, tx, spec, initial_model(cfg))
-        start = 0
+        start, consumed_before, counted_from = 0, data.Consumed(), 0
+        parent, last_val = parent_of(cfg), None
     if primary:  # the config this run trains with, from `start` on
         os.makedirs(cfg.run_dir, exist_ok=True)
         _write_atomic(os.path.join(cfg.run_dir, "config.json"), config.to_json(cfg))
@@ -426,6 +466,18 @@ def _train(cfg, pinned, stop, closers) -> int:
     reporter = Reporter(cfg, start, flops, json.loads(config.to_json(cfg)))
     closers.append(("closing the logs", reporter.close))
     samples = SampleGrids(cfg, ds, spec.graphdef, mesh) if cfg.log.sample_every else None
+    validator = None
+    if vset is not None:
+        validator = validation.Validator(
+            vset,
+            spec.graphdef,
+            mesh,
+            cfg.log.val_bins,
+            cfg.data.batch_size // cfg.optim.grad_accum,  # the micro-batch: it fits
+            cfg.mesh.rules,
+            spec.shardings["params"],
+            spec.shardings["buffers"],
+        )
     meta_base = {
         "seed": cfg.seed,
         "config": json.loads(config.to_json(cfg)),
@@ -435,16 +487,47 @@ def _train(cfg, pinned, stop, closers) -> int:
             "text_encoders": ds.manifest.text_encoders,
             "text_array": ds.text_name,
             "latent_scale": ds.latent_scale,
+            "captioning": ds.manifest.captioning,
+            "num_samples": ds.manifest.num_samples,
+            "val_num_samples": ds.manifest.val_num_samples,
+            "licenses": licenses,  # of the training split; "unknown" where unrecorded
+            "sources": ds.manifest.totals(schema.TRAIN).sources,
         },
+        "parent": parent,
+        "consumed_from_step": counted_from,
     }
+    last_meta: dict = {}
     saved_step = latest  # the latest save, started or done (None: no checkpoint yet)
 
-    def save(step: int, data_positions: list[data.Position]):
-        nonlocal saved_step
+    def save(step: int, data_positions: list[data.Position], taken: data.Consumed):
+        nonlocal saved_step, last_meta
         flat = [v for p in data_positions for v in dataclasses.astuple(p)]
         rows = [r[i : i + 3] for r in distributed.allgather_rows(flat) for i in range(0, len(r), 3)]
-        ckpts.save(step, state, {**meta_base, "step": step, "data_positions": rows})
+        # Every process's samples since the start of this process, on top of the resumed ones.
+        consumed = consumed_before.plus(data.gather_consumed(taken)).to_dict()
+        last_meta = {
+            **meta_base,
+            "step": step,
+            "data_positions": rows,
+            "consumed": consumed,
+            "validation": last_val,
+        }
+        ckpts.save(step, state, last_meta)
         saved_step = step
+        reporter.provenance(step, consumed)
+        reporter.plot()
+
+    def validate(step: int) -> tuple[dict, float]:
+        nonlocal last_val
+        t0 = time.perf_counter()
+        losses = validator.evaluate(state)
+        last_val = {
+            "step": step,
+            "set": vset.describe(),
+            "bins": validator.names,
+            **losses,
+        }
+        return losses, time.perf_counter() - t0
 
     def check(step: int, metrics: dict) -> dict:
         host = jax.device_get(metrics)
@@ -469,15 +552,20 @@ def _train(cfg, pinned, stop, closers) -> int:
     while step < cfg.steps:
         state, metrics = step_fn(state, batch)
         step += 1
-        done_position = reader.positions
+        done_position, done_consumed = reader.positions, reader.consumed
         if pending is not None:
             reporter.step(pending[0], check(*pending))
         pending = (step, metrics)
         preempted = stop.should_stop(step)
-        if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempted:
-            reporter.step(step, check(step, metrics))
+        saving = step % cfg.checkpoint.every == 0 or step == cfg.steps or preempted
+        validating = validator is not None and (step % cfg.log.val_every == 0 or step == cfg.steps)
+        if saving or validating:
+            host = check(step, metrics)  # a non-finite step is neither validated nor saved
             pending = None
-            save(step, done_position)
+            val, val_s = validate(step) if validating else (None, 0.0)
+            reporter.step(step, host, val, val_s)
+            if saving:
+                save(step, done_position, done_consumed)
         if samples and (step % cfg.log.sample_every == 0 or step == cfg.steps):
             pages = samples.sheet(state, step)
             if primary:
@@ -493,8 +581,9 @@ def _train(cfg, pinned, stop, closers) -> int:
         reporter.step(pending[0], check(*pending))
     ckpts.wait()  # raises a failed background save, naming its step
     if step == cfg.steps:
-        out = export_ema(state, cfg, step, meta_base["dataset"])
-        reporter.message(f"done: {step} steps; EMA weights in {out}")
+        out = export_ema(state, cfg, step, last_meta)
+        reporter.message(f"done: {step} steps; EMA weights and model card in {out}")
+        reporter.message(f"trained on {reporting.describe_consumed(last_meta['consumed'])}")
     if reader.skipped_shards:
         skipped = reader.skipped_shards
         log.warning("skipped %d corrupt shards: %s", len(skipped), skipped)
@@ -525,7 +614,7 @@ def _refuse_changes_to_finished(cfg, latest: int, changes: list[str]) -> None:
 
 def _export_finished(cfg, state: dict, step: int, meta: dict) -> int:
     """A finished run whose weights are missing or older: export them, never retrain."""
-    out = export_ema(state, cfg, step, meta.get("dataset") or {})
+    out = export_ema(state, cfg, step, meta)
     _say(f"already finished at step {step}; its EMA weights were exported to {out}")
     return 0
 
