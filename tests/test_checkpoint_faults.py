@@ -506,6 +506,27 @@ def test_a_corrupt_latest_step_is_refused_and_resume_falls_back(tmp_path, caplog
     np.testing.assert_array_equal(np.asarray(state["w"]), values(3))
 
 
+def test_a_step_written_without_checksums_restores_with_a_warning(tmp_path, caplog):
+    from at1_jax.checkpointing.checkpoints import Checkpoints
+
+    folder = tmp_path / "ckpt"
+    _save_steps(str(folder))
+    f = folder / "3" / "meta" / "metadata"
+    meta = json.loads(f.read_text())
+    assert set(meta.pop("_integrity")) == {"arrays", "meta_sha256"}
+    f.write_text(json.dumps(meta))  # what the checkpoints of older versions hold
+    ck = Checkpoints(str(folder), read_only=True)
+    with caplog.at_level(logging.WARNING, "at1_jax.checkpointing"):
+        step, state, meta = ck.restore_latest(_abstract(_state(0)))
+    ck.close()
+    assert step == 3 and meta == {"step": 3, "data_positions": [[0, 1, 3]]}
+    np.testing.assert_array_equal(np.asarray(state["w"]), values(3))
+    assert [r.getMessage() for r in caplog.records if "checksums" in r.getMessage()] == [
+        f"checkpoint step 3 of {folder} has no checksums (written before they were added): "
+        "restored unverified"
+    ]
+
+
 def test_every_step_corrupt_is_an_error_naming_them(tmp_path):
     from at1_jax.checkpointing.checkpoints import CheckpointError, Checkpoints
 
