@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 STATE, META = "state", "meta"
 INTEGRITY = "_integrity"  # the checksums, inside meta; never returned to callers
 AGREE_SECONDS = 1200  # only a dead process makes the others wait this long
-# What TensorStore, orbax and json say when the bytes they read are not what was written.
+# Orbax wraps each TensorStore read error in this, with a bound method printed in place of
+# the spec: the TensorStore error under it is the one worth reading.
 _ORBAX_READ_WRAPPER = "Encountered error while reading array index"
 # What a storage request that ran out of retries says: ours (s3fs) and TensorStore's (curl).
 _STORAGE = re.compile(r"no answer after \d+ tries|UNAVAILABLE|CURL error|retry attempts failed")
+# What TensorStore and orbax say when the bytes they read are not what was written.
 _CORRUPTION = re.compile(r"DATA_LOSS|[Dd]ata corruption|Error decoding|checksum|[Mm]agic")
 
 
@@ -67,11 +69,7 @@ def _chain(error: BaseException):
 
 
 def _reason(error: BaseException) -> str:
-    """The most telling message in an exception chain: ours, else the first one.
-
-    Orbax wraps each TensorStore read error in a message that prints a bound method in
-    place of the spec; the TensorStore error under it is the one worth reading.
-    """
+    """The most telling message in an exception chain: ours, else the first readable one."""
     chain = list(_chain(error))
     for e in chain:
         if isinstance(e, retries.StorageUnavailable | coordination.Aborted):
@@ -185,10 +183,7 @@ class Checkpoints:
             raise self._save_failed(step, e) from e
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """Start saving (returns once the arrays are copied off the devices).
-
-        Raises CheckpointError if this save cannot start or the previous one failed.
-        """
+        """Start saving (returns once copied off the devices); raises a previous save's failure."""
         self._settle()
         self._begin(f"save/{step}")
         try:
@@ -277,10 +272,7 @@ class Checkpoints:
         return self._verified_meta(step, restored[META])[0]
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """The state at `step`, placed on `abstract_state`'s shardings (any mesh), and meta.
-
-        Raises CorruptCheckpoint when what was read differs from what was written.
-        """
+        """The verified state at `step` on `abstract_state`'s shardings (any mesh), and meta."""
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.StandardRestore(abstract_state),
@@ -318,11 +310,8 @@ class Checkpoints:
         return None
 
     def restore_latest(self, abstract_state: dict) -> tuple[int, dict, dict] | None:
-        """(step, state, meta) of the newest intact step, or None when there is none.
-
-        A corrupt step is skipped with a warning naming it; a resumed run deletes it at its
-        first save (it would otherwise be listed as the latest again).
-        """
+        """(step, state, meta) of the newest intact step (None: no step); warns of skipped ones."""
+        # A skipped step is deleted at this object's next save: it would stay the latest.
         found = self._newest_intact(lambda step: self.restore(step, abstract_state))
         if found is None:
             return None

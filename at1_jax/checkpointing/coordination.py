@@ -138,10 +138,8 @@ def allgather(name: str, value: str, timeout_s: float) -> list[str]:
 
 
 def agree(name: str, error: str | None, timeout_s: float) -> dict[int, str]:
-    """Every process's error for `name` ({} when all succeeded); the same on all processes.
-
-    Not stopped by a reported failure: this is where the processes compare what happened.
-    """
+    """Every process's error for `name` ({} when all succeeded), the same on all processes."""
+    # Not stopped by a reported failure: this is where the processes compare what happened.
     if _client() is None:
         return {} if error is None else {0: error}
     values = _gather(name, "" if error is None else f"!{error}", timeout_s, abortable=False)

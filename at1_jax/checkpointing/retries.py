@@ -69,11 +69,9 @@ async def retry_async(
     retryable: Callable[[BaseException], bool],
     abandon: Callable[[], str | None] = lambda: None,
 ):
-    """`await call()`, retried on `retryable` errors per `policy`; logs one line per retry.
-
-    `abandon()` returning a message stops the retries early: the operation this request
-    belongs to has already failed (here or in another process), so waiting helps no one.
-    """
+    """`await call()`, retried on `retryable` errors per `policy`; logs one line per retry."""
+    # abandon() returning a message stops early: the operation this request belongs to has
+    # already failed (here or in another process), so waiting helps no one.
     delays = policy.delays()
     first_failure, attempt = None, 0
     while True:
