@@ -44,10 +44,6 @@ def configure(policy: retries.RetryPolicy) -> None:
     _policy = policy
 
 
-def policy() -> retries.RetryPolicy:
-    return _policy
-
-
 def is_s3(path) -> bool:
     return str(path).startswith("s3:/")
 
@@ -165,7 +161,7 @@ def _retrying_filesystem_class():
     from fsspec.asyn import sync_wrapper
 
     class RetryingS3FileSystem(s3fs.S3FileSystem):
-        """s3fs whose every request retries within `policy()`; gives up naming the URL."""
+        """s3fs whose every request retries within the `configure`d budget, then names the URL."""
 
         retries = 1  # s3fs's own loop: one try, ours retries
 
@@ -226,6 +222,7 @@ def refresh_clients() -> None:
 
 
 def _sync_global_processes(name: str, *, timeout: int | None = None, **_):
+    # Over all processes: Checkpoints never gives orbax a subset (`active_processes`).
     coordination.barrier(name, timeout or multihost.coordination_timeout())
 
 
