@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # and otherwise pays page faults for them (+30-40% on CPU, see docs/performance.md).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456:glibc.malloc.arena_max=1
 
-.PHONY: gpu-wheels bench-gpu setup demo test lint format bench clean
+.PHONY: gpu-wheels bench-gpu setup demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -31,6 +31,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# The JAX inner loop, about 2 minutes on 2 idle cores: no slow, multi-process, S3 or
+# PyTorch-side tests (markers in pyproject.toml; `make test` runs them all).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not (slow or multiprocess or s3 or torch)" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
