@@ -211,6 +211,7 @@ def test_missing_weights_are_all_named_before_any_work(tmp_path, tiny_models, co
 
 
 @pytest.mark.slow  # ~40-70 s: two 2048-d sqrtm (~11 s each here) and an Inception compile
+@pytest.mark.timeout(600)
 def test_fid_with_the_inception_network_end_to_end(tmp_path, tiny_models, tiny_clip, coco):
     """The real feature path: random weights for pytorch-fid's own network, in its legacy format."""
     from pytorch_fid_upstream import random_state_dict

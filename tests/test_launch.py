@@ -59,6 +59,8 @@ def read(path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
 def test_local_launcher_sigterm_checkpoints_and_resumes(dataset, tmp_path):
     run = str(tmp_path / "run")
     local = [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2"]
@@ -109,6 +111,8 @@ def free_port():
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
 def test_ray_launcher_trains_and_fans_out_encoding(dataset, tmp_path):
     pytest.importorskip("ray", reason="Ray is in the `launch` extra: pip install -e .[launch]")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # throwaway loopback cluster
