@@ -8,8 +8,8 @@ Chosen for what 2 cores can learn in ~5 minutes: 8×8 patches (16 tokens, ~430 i
 patches ran 135 img/s and 800 steps learnt backgrounds only), 8 cross-attention heads
 (more ways for the text token to steer each position), noise levels uniform in (0, 1) so
 that the layout-deciding high-noise steps are trained as often as the rest. The validation
-loss (the first 256 held-out images at 5 noise levels) every 250 steps: its time is logged
-as val_time_s in RUN/scalars.jsonl.
+loss (the first 256 held-out images at 5 noise levels) every 250 steps took ~1 s each
+(4.7 s the first time, with its compile; val_time_s in RUN/scalars.jsonl).
 """
 
 from at1_jax.model.denoiser import DenoiserConfig
