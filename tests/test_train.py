@@ -546,6 +546,9 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(tmp_path, da
         # What was trained on is counted once, the steps redone after the kill included.
         assert meta["consumed"] == ref_meta["consumed"], name
         assert meta["consumed"]["samples"] == steps * 8
+        # The rows logged after the resumed checkpoint were dropped and logged again: one each.
+        logged = [r["step"] for r in plots.read_scalars(str(tmp_path / name))]
+        assert logged == list(range(1, steps + 1)), name
 
 
 @pytest.mark.slow
