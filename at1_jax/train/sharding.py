@@ -20,6 +20,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # FSDP over the model width; tensor parallelism over attention projections and MLP hidden.
+# "cond" (the width of the noise/text conditioning layers, <3% of the weights) stays
+# replicated: split over fsdp, XLA's SPMD partitioner turned their batch-split gradients of
+# shape (B, E) into E-split ones by replicating them ("Involuntary full rematerialization").
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
