@@ -172,10 +172,10 @@ def torch_worker(spec: dict) -> None:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"])
     beta = torch.distributions.Beta(obj["beta_a"], obj["beta_b"])
-    batch = {k: torch.from_numpy(v) for k, v in _synthetic_batch(m, spec["batch"]).items()}
-    B = spec["batch"]
-
-    latent, latent_std, text = (batch[k].float() for k in ("latent", "latent_std", "text"))
+    B, batch = spec["batch"], _synthetic_batch(m, spec["batch"])
+    latent, latent_std, text = (
+        torch.from_numpy(batch[k]).float() for k in ("latent", "latent_std", "text")
+    )
 
     def step_once() -> float:
         x = latent + latent_std * torch.randn_like(latent)  # the VAE posterior, re-sampled
@@ -344,8 +344,14 @@ def main(argv=None) -> int:
     bad = [o for o in args.xla_option if "=" not in o]
     if bad:
         p.error(f"--xla-option takes NAME=VALUE, got {bad[0]!r}")
+    from at1_jax.model.presets import get_preset
+
+    try:
+        presets = [get_preset(name) and name for name in args.presets.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     results = []
-    for preset in args.presets.split(","):
+    for preset in presets:
         results.append(compare(preset, args))
         print(report(results[-1]), flush=True)
     if args.json:

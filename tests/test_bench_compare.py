@@ -1,0 +1,65 @@
+"""tools/bench_compare.py: both sides run in their own process and the table says so."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "bench_compare.py"
+
+
+@pytest.mark.torch
+def test_one_round_of_each_side_prints_the_comparison(tmp_path):
+    pytest.importorskip("torch")
+    out_json = tmp_path / "r.json"
+    args = ["--presets", "tld-tiny", "--batch", "4", "--rounds", "1", "--round-s", "0.01"]
+    run = subprocess.run(
+        [sys.executable, str(TOOL), *args, "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout
+    assert "preset=tld-tiny batch=4 rounds=1" in text
+    assert "at1_jax: jax " in text and "compute bfloat16" in text
+    assert "torch: torch " in text and "fp32 eager" in text
+    rows = {
+        m["side"]: m
+        for m in re.finditer(
+            r"^  (?P<side>at1_jax|torch) +(?P<lo>[\d.]+) +(?P<med>[\d.]+) +(?P<hi>[\d.]+) +"
+            r"(?P<rss>[\d.]+) +(?P<steps>\d+) +(?P<setup>[\d.]+) +(?P<loss>[\d.]+)$",
+            text,
+            re.M,
+        )
+    }
+    assert set(rows) == {"at1_jax", "torch"}, text
+    for row in rows.values():
+        assert 0 < float(row["lo"]) <= float(row["med"]) <= float(row["hi"])
+        assert float(row["rss"]) > 0.1 and int(row["steps"]) >= 1
+        assert 0 < float(row["loss"]) < 10  # an x0 MSE of unit-variance latents
+    assert re.search(r"ratio at1_jax/torch: img/s [\d.]+x .* peak RSS [\d.]+x", text)
+    (result,) = json.loads(out_json.read_text())
+    ratio = result["img_per_s"]["at1_jax"][0] / result["img_per_s"]["torch"][0]
+    assert result["ratio_median"] == pytest.approx(ratio)
+    # Each side reports its own process's peak: two different numbers, not one shared figure.
+    assert result["peak_rss_gib"]["at1_jax"] != result["peak_rss_gib"]["torch"]
+
+
+def test_bad_arguments_are_one_line_errors():
+    for args, message in (
+        (["--rounds", "0"], "--rounds and --batch must be >= 1"),
+        (["--xla-option", "no_equals_sign"], "--xla-option takes NAME=VALUE"),
+        (["--presets", "at2"], "unknown model preset 'at2'"),
+    ):
+        run = subprocess.run(
+            [sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=ROOT
+        )
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
