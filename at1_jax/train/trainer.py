@@ -626,7 +626,7 @@ def _stopped_early(latest: int | None) -> int:
 
 
 class _NoBackgroundTracebacks(logging.Filter):
-    """Orbax logs its worker threads' exceptions with tracebacks; the error line says it all."""
+    """Orbax threads and event loops log exceptions with tracebacks; the error line says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info, record.exc_text = None, None
@@ -636,12 +636,19 @@ class _NoBackgroundTracebacks(logging.Filter):
 _QUIET_ABSL = _NoBackgroundTracebacks()
 
 
+def quiet_library_tracebacks() -> None:
+    """Orbax's and asyncio's loggers keep their messages but drop tracebacks."""
+    # asyncio too: a failed async save can leave tasks that asyncio.run() logs at shutdown.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_QUIET_ABSL)
+
+
 def main(argv=None) -> int:
     stop = distributed.StopSignal()  # first: a signal during start-up stops cleanly
     # Usually a no-op: absl calls basicConfig() when orbax is imported. Either way the root
     # logger keeps WARNING (libraries stay quiet) and at1_jax's own INFO lines get through.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").addFilter(_QUIET_ABSL)
+    quiet_library_tracebacks()
     try:
         cfg, pinned, dry_run = parse_args(argv)
         config.validate(cfg)
