@@ -164,6 +164,11 @@ def test_cli_turns_a_bad_override_into_one_error_line(capsys):
             "config.data.batch_size must be a multiple of optim.grad_accum, got 32",
         ),
         ("--config.mesh.fsdp=0", "config.mesh.fsdp must be >= 1 or -1, got 0"),
+        (
+            "--config.checkpoint.retry_seconds=0",
+            "config.checkpoint.retry_seconds must be > 0 (seconds), got 0.0",
+        ),
+        ("--config.checkpoint.retry_seconds=inf", "retry_seconds must be a finite number"),
         ("--config.optim.ema_decay=1.0", "config.optim.ema_decay must be in [0, 1), got 1.0"),
         (
             '--config.mesh.rules=[["batch", "model"]]',

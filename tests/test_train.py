@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -413,6 +415,26 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
         config.ConfigError, match=r"config.checkpoint.init_from: .*nope.* not found"
     ):
         train.initial_model(missing)
+    # Step 6's metadata no longer matches its checksum: the model and the facts reported
+    # (step, card) are step 4's, the newest intact one.
+    from at1_jax.checkpointing.load import MissingFiles
+
+    def corrupt_meta(step):
+        f = tmp_path / "a" / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(f.read_text())
+        meta["step"] += 100  # still valid JSON: only the checksum can tell
+        f.write_text(json.dumps(meta))
+
+    corrupt_meta(6)
+    run_model, run_info = load_model(str(tmp_path / "a"))
+    assert run_info["step"] == 4 and "4 steps" in run_info["summary"], run_info
+    got = nnx.to_pure_dict(nnx.state(run_model, nnx.Param))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(state4["ema"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    corrupt_meta(4)
+    corrupt_meta(2)
+    with pytest.raises(MissingFiles, match=r"cannot load checkpoint .*: no intact checkpoint"):
+        load_model(str(tmp_path / "a"))
 
 
 @pytest.mark.slow
@@ -458,6 +480,32 @@ def test_failed_async_save_is_reported_under_its_own_step(tmp_path, dataset):
         f"error: saving step 1 to {tmp_path / 'async' / 'checkpoints'} failed"
     ), out[-3000:]
     assert "File too large" in errors[0] and "Traceback" not in out
+
+
+def test_unreachable_checkpoint_storage_fails_after_its_retry_budget(tmp_path, dataset):
+    # Nothing listens on the endpoint: every S3 request is a connection error, retried for
+    # checkpoint.retry_seconds (2 s here, 120 s by default), then the run stops with exit 1
+    # (an outside failure: rerun once storage is back), before compiling anything.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = "s3://no-server/ckpt"
+    cfg = write_config(tmp_path, "s3down", dataset, ckpt=url)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
+    t0 = time.monotonic()
+    code, out = finish(run_cli(["--config", cfg, "--config.checkpoint.retry_seconds=2"], env))
+    took = time.monotonic() - t0
+    assert code == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and url in errors[0] and f"127.0.0.1:{port}" in errors[0], out
+    assert re.search(r"retry 1 of \d+ in [\d.]+ s, giving up 2 s after", out), out[-3000:]
+    assert "compiling" not in out and "Traceback" not in out
+    assert took < 60, took  # the default budget alone would take over 120 s
 
 
 def test_tasks_left_failing_at_asyncio_shutdown_log_without_traceback(caplog):

@@ -318,6 +318,10 @@ class Checkpoints:
         step, (state, meta) = found
         return step, state, meta
 
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """(step, metadata) of the newest step whose metadata is intact; None: no step."""
+        return self._newest_intact(self.restore_meta)
+
     def close(self) -> None:
         """Finish pending saves and release orbax's threads; quiet after a reported failure."""
         try:

@@ -40,43 +40,47 @@ def _fetch(url: str, names: tuple[str, ...], cache_dir: str, required: bool) -> 
     return local
 
 
-def _latest_meta(path: str) -> tuple[str, int, dict]:
-    """(checkpoint folder, latest complete step, its metadata) of a run or checkpoint folder."""
+def _latest_meta(path: str) -> tuple[str, dict]:
+    """(checkpoint folder, newest intact metadata) of a run or checkpoint folder."""
     folder = path
     if not storage.is_s3(path) and os.path.isdir(os.path.join(path, "checkpoints")):
         folder = os.path.join(path, "checkpoints")
     try:
         ck = checkpoints.Checkpoints(folder, read_only=True, async_save=False)
-        step = ck.latest_step()
-        meta = ck.restore_meta(step) if step is not None else None
-        ck.close()
-    except checkpoints.CheckpointError:
-        step = None
-    if step is None:
+        try:
+            found = ck.latest_meta()
+        finally:
+            ck.close()
+    except checkpoints.CheckpointError as e:  # storage down, or every step corrupt
+        raise MissingFiles(f"cannot load checkpoint {path}: {e}") from e
+    if found is None:
         raise MissingFiles(
             f"checkpoint {path} not found or incomplete: it is neither an at1-jax weights "
             f"folder ({weights.CONFIG_FILE} + {weights.PARAMS_FILE}) nor a training run / "
             "checkpoint folder with a complete step. `python -m at1_jax.convert import "
             "TLD.pth DIR` makes a weights folder from TLD/AT-1 weights."
         )
-    return folder, step, meta
+    return folder, found[1]
 
 
 def _from_checkpoints(path: str, numerics: dict[str, Any]) -> tuple[Denoiser, dict[str, Any]]:
-    """EMA weights of the latest complete step in a run (`path`/checkpoints) or its folder."""
-    folder, step, meta = _latest_meta(path)
-    source = f"{folder} step {step}"
-    cfg = weights.config_from_dict(meta["config"]["model"], source)
+    """EMA weights of the latest intact step in a run (`path`/checkpoints) or its folder."""
+    folder, latest = _latest_meta(path)
+    cfg = weights.config_from_dict(latest["config"]["model"], f"{folder} step {latest['step']}")
     cfg = dataclasses.replace(cfg, **numerics)
     graphdef, params, buffers = nnx.split(
         nnx.eval_shape(lambda: Denoiser(cfg, nnx.Rngs(0))), nnx.Param, ...
     )
     abstract = {"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)}
-    restored, _ = checkpoints.restore_params(folder, abstract)
+    # The facts come from the step actually restored: it is older when newer arrays are corrupt.
+    try:
+        restored, meta = checkpoints.restore_params(folder, abstract)
+    except checkpoints.CheckpointError as e:
+        raise MissingFiles(f"cannot load checkpoint {path}: {e}") from e
     model = nnx.merge(graphdef, restored["params"], restored["buffers"])
     facts = generation_facts(meta.get("dataset") or {}, cfg.text_dim)
     summary = model_card.from_training_meta(meta)["summary"]  # what its export would say
-    return model, {"source": "checkpoint", "step": step, **facts, "summary": summary}
+    return model, {"source": "checkpoint", "step": meta["step"], **facts, "summary": summary}
 
 
 def _is_weights_folder(path: str) -> bool:
@@ -90,7 +94,7 @@ def card_of(path: str) -> dict | None:
     card a run's latest checkpoint metadata gives; None for a weights folder without one."""
     if _is_weights_folder(path):
         return model_card.read(path)
-    return model_card.from_training_meta(_latest_meta(path)[2])
+    return model_card.from_training_meta(_latest_meta(path)[1])
 
 
 def _summary(path: str) -> str:

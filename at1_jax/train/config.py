@@ -86,6 +86,7 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     init_from: str = ""  # a checkpoint folder, or an at1-jax weights folder (convert output)
+    retry_seconds: float = 120.0  # S3 checkpoint requests retry this long, then the run fails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +342,7 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= o.ema_decay < 1, "optim.ema_decay", "in [0, 1)")
     need(cfg.checkpoint.every >= 1, "checkpoint.every", ">= 1")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+    need(cfg.checkpoint.retry_seconds > 0, "checkpoint.retry_seconds", "> 0 (seconds)")
     need(cfg.log.every >= 1, "log.every", ">= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", ">= 0")
     need(cfg.log.num_samples >= 1, "log.num_samples", ">= 1")

@@ -384,7 +384,10 @@ def _train(cfg, pinned, stop, closers) -> int:
     tx = train_step.make_optimizer(cfg.optim, cfg.steps)
     spec = train_step.state_spec(cfg, tx, mesh)
     ckpts = checkpoint.Checkpoints(
-        cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save
+        cfg.checkpoint_dir,
+        cfg.checkpoint.keep,
+        cfg.checkpoint.async_save,
+        retry_seconds=cfg.checkpoint.retry_seconds,
     )
     closers.append(("closing the checkpoints", ckpts.close))
     where = cfg.checkpoint_dir
@@ -665,7 +668,8 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (data.StorageUnavailable, RunFailure, OSError) as e:
+    # Storage that stopped answering is worth a rerun later (1), unlike unusable input (2).
+    except (data.StorageUnavailable, checkpoint.CheckpointStorageError, RunFailure, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except (config.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
