@@ -13,48 +13,42 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
-from safetensors import SafetensorError
 
 from at1_io import schema
 from at1_jax.checkpointing import checkpoints as checkpoint
 from at1_jax.checkpointing import model_card
 from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
-from at1_jax.model import weights
 from at1_jax.model.denoiser import NUMERICS, Denoiser, count_params
 from at1_jax.model.flops import analytic_train_flops
 from at1_jax.model.presets import PRESETS
 from at1_jax.train import config, data, distributed, reporting, sharding, validation
 from at1_jax.train import step as train_step
+from at1_jax.train.export import WEIGHTS_DIR, RunFailure, export_ema, exported_step
 from at1_jax.train.reporting import Reporter
+from at1_jax.train.run_record import (
+    config_changes,
+    layout_changes,
+    newest_meta,
+    refuse_changes_to_finished,
+    write_config,
+)
 from at1_jax.train.sample_grids import SampleGrids, write_grid
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_UNUSABLE, EXIT_NONFINITE = 1, 2, 3
-WEIGHTS_DIR = "weights"
 # Model sizes that follow the data set unless given on the command line.
 SIZE_FIELDS = ("latent_channels", "latent_size", "text_dim")
-# Config fields that shape the trained weights. Mesh, checkpointing, logging and process
-# settings may change on resume and mean nothing to a finished run.
-_RESULT_FIELDS = ("seed", "steps")
-_RESULT_SECTIONS = ("model.", "objective.", "data.", "optim.")
-_NOT_RESULT = ("data.prefetch", "data.val_path", "data.licenses")
 
 
 class TrainingError(RuntimeError):
     """A non-finite step: the run cannot go on; the message says why and what to do."""
-
-
-class RunFailure(RuntimeError):
-    """An outside failure (disk full, storage down); fixing it and rerunning resumes."""
 
 
 def _epilog() -> str:
@@ -192,101 +186,6 @@ def parent_of(cfg: config.TrainConfig) -> dict | None:
         raise config.ConfigError(f"config.checkpoint.init_from: {e}") from e
 
 
-def export_ema(state: dict, cfg: config.TrainConfig, step: int, meta: dict) -> str:
-    """Write the EMA weights to RUN/weights (gathered to process 0), complete or absent.
-
-    `meta`: the metadata of the step's checkpoint: dataset.json and the model card come
-    from it.
-    """
-    directory = os.path.join(cfg.run_dir, WEIGHTS_DIR)
-    arrays = {"params": state["ema"], "buffers": state["buffers"]}
-    host = multihost_utils.process_allgather(arrays, tiled=True)
-    if jax.process_index() != 0:
-        return directory
-    flat = {}
-    for part in ("params", "buffers"):
-        for path, value in jax.tree_util.tree_leaves_with_path(host[part]):
-            key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            flat[key] = np.asarray(value, np.float32)
-    tmp, old = (os.path.join(cfg.run_dir, f".{WEIGHTS_DIR}.{s}") for s in ("tmp", "old"))
-    try:
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        weights.save(tmp, cfg.model, flat)
-        with open(os.path.join(tmp, weights.DATASET_FILE), "w") as f:
-            json.dump({**(meta.get("dataset") or {}), "step": step}, f, indent=2)
-        model_card.write(tmp, model_card.from_training_meta(meta))
-        if os.path.exists(directory):
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial files took
-        raise RunFailure(
-            f"writing the EMA weights of step {step} to {directory} failed: {e}. The checkpoint "
-            f"of step {step} in {cfg.checkpoint_dir} is complete: fix this and rerun the same "
-            "command to export them"
-        ) from e
-    return directory
-
-
-def exported_step(run_dir: str) -> int | None:
-    """The step of the EMA weights exported to RUN/weights, if any."""
-    folder = os.path.join(run_dir, WEIGHTS_DIR)
-    try:
-        with open(os.path.join(folder, weights.DATASET_FILE)) as f:
-            step = json.load(f).get("step")
-    except (OSError, ValueError):
-        return None
-    return step if os.path.isfile(os.path.join(folder, weights.PARAMS_FILE)) else None
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _differences(old: dict, new: dict, keep) -> list[str]:
-    keys = sorted(k for k in old.keys() | new.keys() if keep(k))
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def config_changes(saved: dict, cfg: config.TrainConfig) -> list[str]:
-    """'field old -> new' for every field that shapes the weights and differs from `saved`."""
-    new = _flat(json.loads(config.to_json(cfg)))
-
-    def keep(k):
-        return (k in _RESULT_FIELDS or k.startswith(_RESULT_SECTIONS)) and k not in _NOT_RESULT
-
-    return _differences(_flat(saved), new, keep)
-
-
-def layout_changes(saved: dict, cfg: config.TrainConfig) -> list[str]:
-    """Differences that give the train state other arrays: architecture, clipping on/off."""
-    new = _flat(json.loads(config.to_json(cfg)))
-
-    def keep(k):
-        return k.startswith("model.") and k.split(".", 1)[1] not in NUMERICS
-
-    found = _differences(_flat(saved), new, keep)
-    clip_before = bool(saved.get("optim", {}).get("clip_norm"))
-    if clip_before != bool(cfg.optim.clip_norm):
-        found.append(
-            f"optim.clip_norm {saved['optim']['clip_norm']!r} -> {cfg.optim.clip_norm!r} "
-            "(clipping on/off changes the optimizer state)"
-        )
-    return found
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def dry_run_report(cfg: config.TrainConfig, pinned: frozenset[str]) -> int:
     """Prints the config as it would train (sizes fitted to the data set) and the data set."""
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
@@ -400,7 +299,7 @@ def _train(cfg, pinned, stop, closers) -> int:
         )
     positions = [[0, 0, 0]] * streams
     if latest is not None:
-        latest, recorded = _newest_meta(ckpts)
+        latest, recorded = newest_meta(ckpts)
         saved = recorded.get("config") or {}
         layout = layout_changes(saved, cfg) if saved else []
         if layout:
@@ -412,7 +311,7 @@ def _train(cfg, pinned, stop, closers) -> int:
             )
         changes = config_changes(saved, cfg) if saved else []
         if latest >= cfg.steps:
-            _refuse_changes_to_finished(cfg, latest, changes)
+            refuse_changes_to_finished(cfg, latest, changes)
             if exported_step(cfg.run_dir) == latest:
                 out = os.path.join(cfg.run_dir, WEIGHTS_DIR)
                 _say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
@@ -449,8 +348,7 @@ def _train(cfg, pinned, stop, closers) -> int:
         start, consumed_before, counted_from = 0, data.Consumed(), 0
         parent, last_val = parent_of(cfg), None
     if primary:  # the config this run trains with, from `start` on
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        _write_atomic(os.path.join(cfg.run_dir, "config.json"), config.to_json(cfg))
+        write_config(cfg)
     first_stream = hosted[0].index
     start_positions = [data.Position(*positions[first_stream + i]) for i in range(len(hosted))]
     reader = data.BatchReader(
@@ -591,28 +489,6 @@ def _train(cfg, pinned, stop, closers) -> int:
         skipped = reader.skipped_shards
         log.warning("skipped %d corrupt shards: %s", len(skipped), skipped)
     return 0
-
-
-def _newest_meta(ckpts: checkpoint.Checkpoints) -> tuple[int, dict]:
-    """(step, metadata) of the newest step whose metadata matches its checksum."""
-    for step in reversed(ckpts.steps()):
-        try:
-            return step, ckpts.restore_meta(step)
-        except checkpoint.CorruptCheckpoint as e:
-            log.warning("%s; trying the previous complete step", e)
-    raise checkpoint.CheckpointError(f"no checkpoint in {ckpts.path} has intact metadata")
-
-
-def _refuse_changes_to_finished(cfg, latest: int, changes: list[str]) -> None:
-    """A run with no step left trains nothing: settings it cannot apply are an error."""
-    if changes:
-        raise config.ConfigError(
-            f"{cfg.checkpoint_dir} already holds step {latest} and config.steps={cfg.steps}: "
-            f"nothing is left to train, so these changes cannot apply: {'; '.join(changes)}. "
-            f"Nothing was trained and {cfg.run_dir}/config.json is unchanged. Raise "
-            f"config.steps above {latest} to continue this run with them, or train them in a "
-            "new run_dir"
-        )
 
 
 def _export_finished(cfg, state: dict, step: int, meta: dict) -> int:
