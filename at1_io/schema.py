@@ -1,9 +1,9 @@
 """Dataset manifest schema and shard reader: pure numpy, no torch or webdataset.
 
-The trainer imports exactly this module. A dataset is a root folder (local or s3://) with
-``manifest.json``, ``shards/*.tar`` (the training split) and, when the data stage held one
-out, ``val/*.tar`` (the validation split, ``Manifest.val_shards``). Each shard is a
-webdataset tar: members named
+The trainer imports exactly this module (and through it ``at1_io.tar_stream``). A dataset is
+a root folder (local or s3://) with ``manifest.json``, ``shards/*.tar`` (the training split)
+and, when the data stage held one out, ``val/*.tar`` (the validation split,
+``Manifest.val_shards``). Each shard is a webdataset tar: members named
 ``{key}.{field}`` where the key has no dots; fields are ``{array}.npy`` (one array each),
 ``caption.txt`` (and ``original_caption.txt`` in "both" caption mode) and ``json`` (metadata).
 
@@ -21,7 +21,6 @@ Typical use::
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
@@ -31,6 +30,8 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import numpy as np
+
+from at1_io.tar_stream import iter_tar_files
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -319,63 +320,6 @@ def split_member_name(name: str) -> tuple[str, str]:
         raise SchemaError(f"member {name!r} has no field extension")
     key, field = base.split(".", 1)
     return key, field
-
-
-class _CountingReader(io.RawIOBase):
-    """Read-only stream wrapper that counts the bytes read and keeps the last few chunks.
-
-    tarfile hides truncation, and in stream mode takes a garbage header for the end of the
-    archive: the count and the recent bytes let the reader check the end block itself.
-    """
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.count = f, 0
-        self.recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=4)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        self.recent.append((self.count, bytes(data)))
-        self.count += len(data)
-        return len(data)
-
-    def block_at(self, offset: int) -> bytes | None:
-        """The tar block at `offset` if it is among the recently read bytes."""
-        if not self.recent:
-            return None
-        start = self.recent[0][0]
-        data = b"".join(chunk for _, chunk in self.recent)
-        if not start <= offset <= start + len(data) - tarfile.BLOCKSIZE:
-            return None
-        return data[offset - start : offset - start + tarfile.BLOCKSIZE]
-
-
-def iter_tar_files(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """Yield (member name, bytes) of regular files in a tar read as a stream.
-
-    Raises tarfile.ReadError for a truncated tar, which tarfile alone reports as a normal
-    end when the cut falls inside or at a header: a complete tar ends with a zero block.
-    """
-    counter = _CountingReader(fileobj)
-    stream = io.BufferedReader(counter, buffer_size=1 << 20)
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if member.isfile():
-                f = tar.extractfile(member)
-                yield member.name, f.read() if f is not None else b""
-        end = tar.offset
-        block = counter.block_at(end)
-        while stream.read(1 << 20):
-            pass
-    if counter.count < end + tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(
-            f"truncated tar: ends at byte {counter.count}, before its end block"
-        )
-    if block is not None and any(block):
-        raise tarfile.ReadError(f"corrupt tar: an invalid header at byte {end}, not its end block")
 
 
 def _decode_field(field: str, data: bytes, where: str) -> tuple[str, Any]:
