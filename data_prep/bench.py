@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from data_prep import images, pipeline, sources
+from data_prep import images, input_items, pipeline, sources
 from data_prep.models import Models
 from data_prep.settings import EncodeSettings
 from data_prep.workdir import work_dir
@@ -57,7 +57,7 @@ def run(s: EncodeSettings, n_images: int) -> dict:
         result = pipeline.run(s)
         source = sources.open_source(s.input, s.input_format, n_images, s.image_column,
                                      s.caption_column, s.split, s.tfds_data_dir)  # fmt: skip
-        items = [x for x in source.iter_group(0) if isinstance(x, sources.RawSample)]
+        items = [x for x in source.iter_group(0) if isinstance(x, input_items.RawSample)]
     models = Models(s)
     pixels, texts = [], []
     for item in items:

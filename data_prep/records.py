@@ -58,7 +58,7 @@ class ShardRecord:
     licenses: dict[str, int]
     license_rejected: dict[str, int]
     caption_origins: dict[str, int]
-    fingerprint: str = ""  # of the input group it was encoded from (sources.digest)
+    fingerprint: str = ""  # of the input group it was encoded from (input_items.digest)
     source: str = ""  # the input it was encoded from (sources' origin); "" in older records
 
 

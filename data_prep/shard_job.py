@@ -16,9 +16,9 @@ from PIL import Image
 
 from data_prep import images, licenses
 from data_prep.autoencoders import latent_outputs
+from data_prep.input_items import RawSample, ReadFailure
 from data_prep.models import Models
 from data_prep.settings import EncodeSettings
-from data_prep.sources import RawSample, ReadFailure
 
 log = logging.getLogger(__name__)
 CAPTION_THUMB = 768  # captioners resize to ~336-448 px; keeping full images costs memory

@@ -1,4 +1,4 @@
-"""Input readers: image folder, img2dataset tars, parquet/JSONL table, tfds data_source.
+"""Input readers: image folder, img2dataset tars (`tar_source`), parquet/JSONL table, tfds.
 
 Each source splits its items into deterministic *groups*; a worker processes whole groups
 and each group becomes one or more output shards. Flat sources (folder, table, tfds) use
@@ -8,103 +8,26 @@ the input a group comes from (the data set root, or the input tar), for provenan
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import posixpath
-import tarfile
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
 
 from at1_io import storage
+from data_prep.input_items import (
+    RawSample,
+    ReadFailure,
+    SourceError,
+    caption_from_meta,
+    decode_caption,
+    digest,
+    jsonable,
+    parse_meta,
+)
+from data_prep.tar_source import TarSource
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_KEYS = ("caption", "text", "TEXT", "title")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "filename")
-
-
-class SourceError(RuntimeError):
-    """An input that cannot be read at all; raised before any work starts."""
-
-
-@dataclasses.dataclass
-class RawSample:
-    """One input item before decoding: image bytes (or array), caption, metadata."""
-
-    source_id: str
-    image_bytes: bytes | None = None
-    image_array: np.ndarray | None = None
-    caption: str | None = None
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    repairs: list[str] = dataclasses.field(default_factory=list)
-    skip_reason: str | None = None  # set when the item is known bad before decoding
-
-
-@dataclasses.dataclass
-class ReadFailure:
-    """A group that ended early (e.g. a truncated tar); counted as a skip with ``reason``."""
-
-    reason: str
-    detail: str
-
-
-def decode_caption(data: bytes | str | None, repairs: list[str]) -> str | None:
-    """Caption text with whitespace cleaned; non-UTF-8 bytes are repaired as cp1252/latin-1."""
-    if data is None:
-        return None
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            repairs.append("caption_non_utf8")
-            try:
-                text = data.decode("cp1252")
-            except UnicodeDecodeError:
-                text = data.decode("latin-1")
-    else:
-        text = str(data)
-    text = " ".join(text.split())
-    return text or None
-
-
-def _parse_meta(data: bytes, repairs: list[str]) -> dict[str, Any]:
-    try:
-        meta = json.loads(data.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError:
-        repairs.append("metadata_unreadable")
-        return {}
-    if not isinstance(meta, dict):
-        repairs.append("metadata_unreadable")
-        return {}
-    return meta
-
-
-def _caption_from_meta(meta: dict[str, Any], repairs: list[str]) -> str | None:
-    for k in CAPTION_KEYS:
-        if isinstance(meta.get(k), str | bytes):
-            return decode_caption(meta[k], repairs)
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 16 else None
-    if isinstance(value, float) and value != value:  # NaN from pandas-less parquet nulls
-        return None
-    return value
-
-
-def digest(obj: Any) -> str:
-    """sha256 of a JSON-able value (a group's item list): equal lists, equal digests."""
-    text = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def input_label(url: str) -> str:
@@ -167,113 +90,14 @@ class FolderSource:
             stem = os.path.splitext(path)[0]
             repairs: list[str] = []
             meta_bytes = _read_optional(self.fs, stem + ".json")
-            meta = _parse_meta(meta_bytes, repairs) if meta_bytes is not None else {}
+            meta = parse_meta(meta_bytes, repairs) if meta_bytes is not None else {}
             caption = decode_caption(_read_optional(self.fs, stem + ".txt"), repairs)
             if caption is None:
-                caption = _caption_from_meta(meta, repairs)
+                caption = caption_from_meta(meta, repairs)
             data = _read_optional(self.fs, path)
             # Listed but gone when read (deleted since, or a dangling symlink): not an empty file.
             skip = None if data is not None else "missing_image_file"
             yield RawSample(rel, data, None, caption, meta, repairs, skip)
-
-
-class NoEndBlock(tarfile.ReadError):
-    """A tar whose members stop before its end-of-archive block (cut short or overwritten)."""
-
-
-def _tar_failure(err: Exception, found: bool) -> str:
-    """Skip reason of a tar that failed: empty, not a tar at all, or damaged after samples."""
-    if str(err) == "empty file":  # tarfile's message for a zero-byte file
-        return "empty_input_tar"
-    if not found and not isinstance(err, NoEndBlock):
-        return "corrupt_input_tar"
-    return "truncated_input_tar"
-
-
-class TarSource:
-    """img2dataset / webdataset tars: members ``{key}.{jpg,png,webp}``, ``.txt``, ``.json``."""
-
-    kind = "tars"
-
-    def __init__(self, url: str):
-        fs, path = storage.get_fs(url)
-        if fs.isdir(path):
-            listing = fs.find(path, detail=True)
-        elif fs.exists(path):
-            listing = {path: fs.info(path)}
-        else:
-            listing = fs.glob(path, detail=True)
-        tars = sorted(p for p in listing if p.endswith(".tar"))
-        if not tars:
-            raise SourceError(f"no .tar files at {url}")
-        self.fs, self.tars = fs, tars
-        self.sizes = {p: listing[p].get("size") for p in tars}
-        self.prefix = "s3://" if storage.is_s3(url) else ""
-
-    def num_groups(self) -> int:
-        """One group per input tar."""
-        return len(self.tars)
-
-    def group_size(self, g: int) -> int | None:
-        """Unknown until the tar is read."""
-        return None
-
-    def origin(self, g: int) -> str:
-        """Input tar g."""
-        return self.prefix + self.tars[g]
-
-    def fingerprint(self, g: int) -> str:
-        """Digest of tar g's name and size."""
-        return digest([posixpath.basename(self.tars[g]), self.sizes[self.tars[g]]])
-
-    def iter_group(self, g: int) -> Iterator[RawSample | ReadFailure]:
-        """Whole samples of tar g; a damaged tar ends with a ReadFailure."""
-        # A sample is whole once the header of another key's member follows it, or the tar's
-        # end-of-archive block does. A cut or corrupt tar drops the sample it was reading (a
-        # partial_sample item: it may have lost its caption or license fields).
-        name = posixpath.basename(self.tars[g])
-        current: dict[str, bytes] = {}
-        key = None  # key of the sample being read
-        found = False
-        try:
-            with self.fs.open(self.tars[g], "rb") as f:
-                # Random access mode: after the last member the end block can be checked.
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    for member in tar:
-                        base = posixpath.basename(member.name)
-                        if not member.isfile() or "." not in base or base.startswith("."):
-                            continue
-                        mkey = posixpath.join(posixpath.dirname(member.name), base.split(".")[0])
-                        if mkey != key and current:
-                            yield self._sample(name, key, current)
-                            current = {}
-                        key, found = mkey, True
-                        current[base.split(".", 1)[1].lower()] = tar.extractfile(member).read()
-                    f.seek(tar.offset)
-                    end = f.read(tarfile.BLOCKSIZE)
-                    if end != bytes(tarfile.BLOCKSIZE):
-                        what = "ends" if len(end) < tarfile.BLOCKSIZE else "has no tar header"
-                        raise NoEndBlock(f"{what} at byte {tar.offset}, before its end block")
-        except (tarfile.TarError, EOFError) as e:
-            if key is not None:
-                yield RawSample(f"{name}/{key}", skip_reason="partial_sample")
-            yield ReadFailure(_tar_failure(e, found), f"{name}: {e}")
-            return
-        if current:
-            yield self._sample(name, key, current)
-        elif not found:
-            yield ReadFailure("empty_input_tar", f"{name}: no samples")
-
-    @staticmethod
-    def _sample(tar_name: str, key: str, fields: dict[str, bytes]) -> RawSample:
-        repairs: list[str] = []
-        meta = _parse_meta(fields["json"], repairs) if "json" in fields else {}
-        caption = decode_caption(fields.get("txt"), repairs)
-        if caption is None:
-            caption = _caption_from_meta(meta, repairs)
-        image = next((fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in fields), None)
-        skip = None if image is not None else "missing_image_file"
-        return RawSample(f"{tar_name}/{key}", image, None, caption, meta, repairs, skip)
 
 
 def _read_parquet(f, url: str) -> list[dict]:
@@ -361,7 +185,7 @@ class TableSource:
             else:
                 fs, path = self.fs, ref if posixpath.isabs(ref) else posixpath.join(self.base, ref)
             data = _read_optional(fs, path) if ref else None
-            meta = {k: _jsonable(v) for k, v in row.items() if k != self.image_column}
+            meta = {k: jsonable(v) for k, v in row.items() if k != self.image_column}
             caption = decode_caption(row.get(self.caption_column), repairs)
             skip = None if data is not None else "missing_image_file"
             yield RawSample(f"row{i}:{ref}", data, None, caption, meta, repairs, skip)
@@ -417,7 +241,7 @@ class TfdsSource:
             rec = self.ds[i]
             image = rec.get(self.image_column)
             meta = {
-                k: _jsonable(v)
+                k: jsonable(v)
                 for k, v in rec.items()
                 if k not in (self.image_column, self.caption_column)
             }

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterator
 
 from at1_io.schema import TRAIN, VAL
-from data_prep.sources import RawSample, ReadFailure
+from data_prep.input_items import RawSample, ReadFailure
 
 
 def held_out_groups(num_groups: int, fraction: float, seed: int) -> list[int]:
