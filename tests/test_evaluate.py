@@ -16,7 +16,7 @@ from at1_io.synthetic import make_dataset
 from at1_jax.checkpointing import model_card
 from at1_jax.decode import images
 from at1_jax.evaluate import cli as evaluate
-from at1_jax.evaluate import metrics
+from at1_jax.evaluate import metrics, sweep
 from at1_jax.model import weights
 from at1_jax.train import data, validation
 
@@ -134,7 +134,7 @@ def test_sweep_report_matches_independent_metrics(tmp_path, tiny_models, tiny_cl
     ids = sorted(range(6), key=lambda k: 100 - k)  # COCO order: by image id
     captions = [CAPTIONS[k] for k in ids]
     refs = np.stack(
-        [evaluate.load_reference(str(coco / "images" / f"img_{100 - k}.png"), 64) for k in ids]
+        [sweep.load_reference(str(coco / "images" / f"img_{100 - k}.png"), 64) for k in ids]
     )
     ref_stats = metrics.feature_stats(tiny_features(refs))
     fids = []
@@ -169,8 +169,8 @@ def test_sweep_report_matches_independent_metrics(tmp_path, tiny_models, tiny_cl
 
 def test_fid_of_the_reference_set_with_itself_is_zero(coco):
     files = [str(p) for p in sorted((coco / "images").iterdir())]
-    a = evaluate.reference_stats(files, 32, tiny_features, chunk=4)
-    b = evaluate.reference_stats(files[::-1], 32, tiny_features, chunk=5)
+    a = sweep.reference_stats(files, 32, tiny_features, chunk=4)
+    b = sweep.reference_stats(files[::-1], 32, tiny_features, chunk=5)
     np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-14)  # order and chunking: rounding
     np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-14)
     # 6 images give a rank-5 covariance of 8-d features: the 3 zero eigenvalues of Σ1Σ2 come
@@ -234,13 +234,13 @@ def test_fid_with_the_inception_network_end_to_end(tmp_path, tiny_models, tiny_c
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "clip_score" not in report["rows"][0] and report["inception_weights"] == str(weights)
     # Same batch shape as the run (--batch-size 4), so the same compiled program and features.
-    extract = evaluate.inception_extractor(str(weights), batch_size=4)
+    extract = sweep.inception_extractor(str(weights), batch_size=4)
     gen = np.stack(
         [np.asarray(Image.open(tmp_path / "out" / "g6" / f"{i:05d}.png")) for i in range(4)]
     )
     refs = [str(coco / "images" / f"img_{i}.png") for i in (95, 96, 97, 98)]  # first 4 ids
     want = metrics.frechet_distance(
-        *metrics.feature_stats(extract(gen)), *evaluate.reference_stats(refs, 64, extract)
+        *metrics.feature_stats(extract(gen)), *sweep.reference_stats(refs, 64, extract)
     )
     # Identical features and float64 statistics: only sqrtm's own rounding could differ.
     assert report["rows"][0]["fid"] == pytest.approx(want, rel=1e-9)

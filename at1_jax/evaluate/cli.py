@@ -23,125 +23,30 @@ Both can run at once. Results go into the weights folder's model card (evaluatio
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import io
 import json
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
 
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from PIL import Image
-from tqdm import tqdm
-
-from at1_io import schema, storage
+from at1_io import storage
 from at1_jax import torch_bridge
 from at1_jax.checkpointing import model_card
-from at1_jax.checkpointing.load import card_of, load_model
-from at1_jax.decode import images
-from at1_jax.evaluate import inception, metrics
+from at1_jax.evaluate import inception
+from at1_jax.evaluate.sweep import (
+    FeatureExtractor,
+    evaluate,
+    inception_extractor,
+    parse_guidance,
+    read_coco_captions,
+)
+from at1_jax.evaluate.val_loss import validation_loss
 from at1_jax.generate import pipeline as sample
 from at1_jax.model.samplers import SAMPLERS, SamplerConfig
-from at1_jax.train import sharding, validation
 from at1_jax.train.config import LogConfig
-from at1_jax.train.data import DataError, open_dataset
+from at1_jax.train.data import DataError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer files")
 DEFAULT_INCEPTION = os.path.join(sample.DEFAULT_CACHE, inception.WEIGHTS_FILE)
-GRID_COLUMNS = 8
-
-# images uint8 NHWC -> features f32[N, D]
-FeatureExtractor = Callable[[np.ndarray], np.ndarray]
-
-
-def inception_extractor(path: str, batch_size: int = 32) -> FeatureExtractor:
-    """pytorch-fid pool3 features; batches are padded to one shape so XLA compiles once."""
-    params = inception.load(path)
-
-    def extract(imgs: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(imgs), batch_size):
-            n = min(batch_size, len(imgs) - i)
-            batch = np.zeros((batch_size, *imgs.shape[1:]), np.uint8)
-            batch[:n] = imgs[i : i + n]
-            out.append(np.asarray(inception.features_jit(params, jnp.asarray(batch)))[:n])
-        return np.concatenate(out)
-
-    return extract
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def read_coco_captions(path: str, num: int) -> list[tuple[str, str]]:
-    """(file_name, caption) for the first `num` images by id, each with its first caption."""
-    coco = json.loads(storage.read_bytes(path))
-    try:
-        names = {im["id"]: im["file_name"] for im in coco["images"]}
-        first: dict[int, str] = {}
-        for ann in coco["annotations"]:
-            first.setdefault(ann["image_id"], ann["caption"].strip())
-    except (KeyError, TypeError) as e:
-        raise ValueError(
-            f"{path}: not a COCO captions file (needs images[].id/file_name and "
-            f"annotations[].image_id/caption): {e!r}"
-        ) from e
-    pairs = [(names[i], first[i]) for i in sorted(first) if i in names]
-    if len(pairs) < num:
-        raise ValueError(f"{path}: {len(pairs)} captioned images, fewer than --num-images {num}")
-    return pairs[:num]
-
-
-def load_reference(path: str, size: int) -> np.ndarray:
-    """uint8 HWC: center-cropped to a square, resized to size×size (bicubic), RGB."""
-    img = Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
-
-
-def reference_stats(
-    files: Sequence[str], size: int, extract: FeatureExtractor, chunk: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of the reference images' features."""
-    stats = None
-    for i in range(0, len(files), chunk):
-        feats = extract(np.stack([load_reference(p, size) for p in files[i : i + chunk]]))
-        stats = stats or metrics.RunningStats(feats.shape[1])
-        stats.update(feats)
-    return stats.stats()
-
-
-def _cached_reference_stats(files, size, extract, key_parts, cache_dir):
-    key = hashlib.sha256(json.dumps([list(files), size, *key_parts]).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, "fid_refs", key + ".npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return z["mu"], z["sigma"]
-    mu, sigma = reference_stats(files, size, extract)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma)
-    os.replace(path + ".tmp.npz", path)
-    return mu, sigma
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def _parse_guidance(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"--guidance {text!r}: expected numbers separated by commas") from e
-    if not values:
-        raise ValueError("--guidance: no values")
-    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -213,118 +118,6 @@ def _check_files(args, want: set[str], need_inception: bool) -> sample.Pipeline:
     return pipe
 
 
-def evaluate(
-    args, pipe: sample.Pipeline, extract: FeatureExtractor | None, clip, ref_key: list | None
-) -> dict:
-    """Runs the sweep; returns the report dict. ref_key: cache key parts of the extractor."""
-    pairs = read_coco_captions(args.captions, args.num_images)
-    captions = [c for _, c in pairs]
-    files = [f"{args.images.rstrip('/')}/{name}" for name, _ in pairs]
-    report = {
-        "checkpoint": args.checkpoint,
-        "checkpoint_info": pipe.info,
-        "text_encoder": pipe.text_encoder,
-        "decode": dataclasses.asdict(pipe.decode_spec),
-        "num_images": len(pairs),
-        "captions": args.captions,
-        "reference_images": args.images,
-        "preprocessing": {
-            "reference": "center crop to square, PIL bicubic resize to the generated size, RGB",
-            "fid": "pytorch-fid InceptionV3 pool3 (2048-d): bilinear resize to 299x299 "
-            "(align_corners=False, no antialias), x/255*2-1",
-            "clip": "CLIP image processor and tokenizer of the CLIP model (as torchmetrics)",
-        },
-        "seeds": f"caption i uses seed {args.seed} + i",
-        "rows": [],
-    }
-    ref: list = []  # (mean, covariance), computed once the generated image size is known
-
-    def reference(size: int):
-        if not ref:
-            t0 = time.perf_counter()
-            if ref_key is None:
-                ref.extend(reference_stats(files, size, extract))
-            else:
-                ref.extend(_cached_reference_stats(files, size, extract, ref_key, args.cache_dir))
-            report["image_size"] = size
-            report["reference_features_s"] = time.perf_counter() - t0
-        return ref
-
-    text_emb = clip.text_embeds(captions) if clip is not None else None
-    grid_rows = []
-    guidance = _parse_guidance(args.guidance)
-    bar = tqdm(
-        total=len(pairs) * len(guidance), unit="img", desc="generating", disable=args.no_progress
-    )
-    for g in guidance:
-        sampler = SamplerConfig(steps=args.steps, guidance=g, sampler=args.sampler)
-        stats, clip_vals, t0 = None, [], time.perf_counter()
-        for i in range(0, len(pairs), args.chunk):
-            idx = range(i, min(i + args.chunk, len(pairs)))
-            imgs, _ = pipe.generate(
-                [captions[j] for j in idx], [args.seed + j for j in idx], sampler, bar.update
-            )
-            if i == 0:
-                grid_rows.append([])
-            for j, img in zip(idx, imgs[: GRID_COLUMNS - len(grid_rows[-1])], strict=False):
-                grid_rows[-1].append((img, f"{captions[j]}\nseed {args.seed + j} · guidance {g:g}"))
-            if args.save_images:
-                for j, img in zip(idx, imgs, strict=True):
-                    images.save_png(img, os.path.join(args.out, f"g{g:g}", f"{j:05d}.png"))
-            if extract is not None:
-                feats = extract(imgs)
-                stats = stats or metrics.RunningStats(feats.shape[1])
-                stats.update(feats)
-            if clip is not None:
-                clip_vals.append(metrics.clip_scores(clip.image_embeds(imgs), text_emb[list(idx)]))
-        row = {"guidance": g, "seconds": time.perf_counter() - t0}
-        if extract is not None:
-            row["fid"] = metrics.frechet_distance(*stats.stats(), *reference(imgs.shape[1]))
-        if clip is not None:
-            row["clip_score"] = float(np.concatenate(clip_vals).mean())
-        report["rows"].append(row)
-    bar.close()
-    report["sampler"] = {"steps": args.steps, "sampler": args.sampler}
-    report["timing_s"] = dict(pipe.timing)
-    cells = [cell for row in grid_rows for cell in row]
-    title = f"{args.checkpoint} · {args.sampler} {args.steps} steps · one row per guidance"
-    pages = images.sheet(
-        np.stack([im for im, _ in cells]), [c for _, c in cells], title, ncols=len(grid_rows[0])
-    )
-    report["sheets"] = images.save_pages(pages, os.path.join(args.out, "grid.png"))
-    return report
-
-
-def validation_loss(args, announce: bool = True) -> dict:
-    """The trainer's validation loss of the checkpoint's weights on `args.val_loss`."""
-    model, info = load_model(args.checkpoint, args.cache_dir)
-    if announce:  # the FID/CLIP pipeline has printed it already
-        print(f"model: {info['summary']}", flush=True)
-    card = card_of(args.checkpoint) or {}
-    record = (card.get("data") or [{}])[0]
-    # The text array and latent scale the weights were trained with, when their card says.
-    ds = open_dataset(
-        args.val_loss, record.get("text_array") or "", record.get("latent_scale") or 0
-    )
-    cfg = model.cfg
-    want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    if tuple(ds.latent_shape) != want or ds.text_dim != cfg.text_dim:
-        raise ValueError(
-            f"--val-loss {args.val_loss}: latents {tuple(ds.latent_shape)} and {ds.text_dim}-d "
-            f"text do not fit the model ({want}, {cfg.text_dim}-d): use the data set it was "
-            "trained on or one encoded alike"
-        )
-    split = schema.VAL if ds.manifest.val_shards else schema.TRAIN
-    vset = validation.load_split(ds, split, args.val_samples)
-    mesh = sharding.make_mesh(data=-1)  # every local device, weights replicated
-    devices = mesh.devices.size
-    chunk = -(-args.batch_size // devices) * devices
-    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    validator = validation.Validator(vset, graphdef, mesh, args.val_bins, chunk)
-    losses = validator.losses(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), "val_loss")
-    return {"set": vset.describe(), "bins": validation.bin_names(args.val_bins), **losses}
-
-
 def _record_in_card(checkpoint: str, kind: str, results: dict) -> None:
     try:
         card = model_card.add_evaluation(checkpoint, kind, results)
@@ -357,7 +150,7 @@ def main(argv=None, feature_extractor: FeatureExtractor | None = None) -> int:
             return _val_loss_only(args)
         if not want or want - {"fid", "clip"}:
             raise ValueError(f"--metrics {args.metrics!r}: choose from fid, clip")
-        for g in _parse_guidance(args.guidance):  # every sampler setting checked before work
+        for g in parse_guidance(args.guidance):  # every sampler setting checked before work
             SamplerConfig(steps=args.steps, guidance=g, sampler=args.sampler)
         if args.num_images < 2 and "fid" in want:
             raise ValueError("--num-images must be >= 2 for FID (it needs a covariance)")
