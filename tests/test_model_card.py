@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from at1_jax.checkpointing import model_card
+from at1_jax.checkpointing import card_text, model_card
 from at1_jax.checkpointing.load import card_of, load_model
 from at1_jax.model import weights
 from at1_jax.model.denoiser import Denoiser
@@ -104,7 +104,7 @@ def test_no_secret_reaches_a_card(monkeypatch):
     meta["dataset"]["api_key"] = "abc"
     meta["dataset"]["note"] = "token hf_abcdefghijkl"
     card = model_card.from_training_meta(meta)
-    text = json.dumps(card) + model_card.render_markdown(card)
+    text = json.dumps(card) + card_text.render_markdown(card)
     for secret in ("wJalrXUtnFEMI-secret-value", "hunter22", "AKIAEXAMPLE", "hf_abcdefghijkl"):
         assert secret not in text
     assert card["training"]["config"]["data"]["path"] == "s3://bucket/data"
@@ -163,7 +163,7 @@ def test_a_fine_tune_names_its_parent_and_inherits_its_licence_statement():
     assert card["summary"].endswith("fine-tuned from /runs/base/weights")
     orphan = model_card.parent_record("/w/old", None)
     assert orphan["summary"] == "/w/old: no model card (unknown data)"
-    assert "its training data is unknown." in model_card.licence_statement({"cc0": 1}, orphan)
+    assert "its training data is unknown." in card_text.licence_statement({"cc0": 1}, orphan)
 
 
 def test_load_model_gives_the_cards_summary(tmp_path):
