@@ -32,6 +32,9 @@ from PIL import Image
 from at1_demo import adherence
 from at1_demo import synthetic_shapes as shapes
 
+PROMPT_FILES = ("held_out.txt", "validation.txt")
+# Generation settings, chosen with `python -m at1_demo.tune` on the validation prompts.
+GUIDANCE, SAMPLE_STEPS = 5.0, 20
 # Shipped inside the package, so an installed (non-editable) copy finds it too.
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "config.py")
 
@@ -54,14 +57,20 @@ def _attributes(meta: dict) -> shapes.Attributes:
     )
 
 
+def load_prompts(shapes_dir: str, name: str) -> tuple[list[str], list[shapes.Attributes]]:
+    """(captions, attributes) of the `held_out` or `validation` prompt set."""
+    path = os.path.join(shapes_dir, f"{name}.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `python -m at1_demo` first")
+    with open(path) as f:
+        metas = [json.loads(line) for line in f if line.strip()]
+    return [m["caption"] for m in metas], [_attributes(m) for m in metas]
+
+
 def evaluate(out: str, generated: str, seed: int) -> dict:
     """Adherence of generated held-out images, random images, and training images."""
     settings = json.load(open(os.path.join(generated, "settings.json")))
-    by_caption = {}
-    with open(os.path.join(out, "shapes", "held_out.jsonl")) as f:
-        for line in f:
-            meta = json.loads(line)
-            by_caption[meta["caption"]] = _attributes(meta)
+    by_caption = dict(zip(*load_prompts(os.path.join(out, "shapes"), "held_out"), strict=True))
     gen_imgs, gen_atts = [], []
     for rec in settings["images"]:
         gen_imgs.append(np.asarray(Image.open(os.path.join(generated, rec["file"]))))
@@ -98,7 +107,8 @@ def main(argv=None) -> int:
 
     shapes_dir, data_dir = os.path.join(out, "shapes"), os.path.join(out, "data")
     run_dir, gen_dir = os.path.join(out, "run"), os.path.join(out, "generated")
-    if not os.path.isfile(os.path.join(shapes_dir, "held_out.txt")):
+    # validation.txt too: a folder from before the validation prompts has them in its images.
+    if not all(os.path.isfile(os.path.join(shapes_dir, f)) for f in PROMPT_FILES):
         print(json.dumps(shapes.generate(shapes_dir, args.num_images, args.size, seed=args.seed)))
     timings["data"] = time.perf_counter() - t0
 
@@ -136,8 +146,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     _run([
         py, "-m", "at1_jax.sample", "--checkpoint", run_dir, "--prompts-file",
-        os.path.join(shapes_dir, "held_out.txt"), "--num-images", "2", "--steps", "20",
-        "--guidance", "5", "--seed", str(args.seed), "--out", gen_dir, "--batch-size", "48",
+        os.path.join(shapes_dir, "held_out.txt"), "--num-images", "2",
+        "--steps", str(SAMPLE_STEPS), "--guidance", f"{GUIDANCE:g}", "--seed", str(args.seed),
+        "--out", gen_dir, "--batch-size", "48",
     ])  # fmt: skip
     timings["generate"] = time.perf_counter() - t
 
@@ -160,8 +171,9 @@ def _print_summary(report: dict, out: str, run_dir: str, gen_dir: str) -> None:
             row = report[name]
             print(f"{name:22}" + "".join(f"{row[f]:11.2f}" for f in (*adherence.FIELDS, "mean")))
     print(f"\ntimings (s): {report['timings_s']}")
-    print(f"held-out generations: {gen_dir}/grid.png (prompts in {gen_dir}/settings.json)")
     print(f"training run: {run_dir} (tensorboard --logdir {run_dir}/tensorboard; samples/)")
     print(f"losses: {run_dir}/scalars.jsonl (validation loss included), {run_dir}/curves.png")
     print(f"model card: {run_dir}/weights/model_card.md")
     print(f"report: {out}/adherence.json")
+    print(f"\nlabelled sheet of the held-out generations: {gen_dir}/grid.png")
+    print(f"type your own prompts: {sys.executable} -m at1_jax.serve {run_dir}")

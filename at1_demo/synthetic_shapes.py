@@ -1,11 +1,13 @@
 """A synthetic captioned image set: coloured shapes at named positions on coloured grounds.
 
-    python -m at1_demo.synthetic_shapes OUT --num 4000 --size 32 --held-out 48
+    python -m at1_demo.synthetic_shapes OUT --num 4000 --size 32 --held-out 48 --validation 48
 
 Writes OUT/images/{key}.png with {key}.txt captions and {key}.json attributes (license
-cc0), and OUT/held_out.jsonl: attribute combinations that never appear in the images, for
-testing generation on prompts the model has not seen. Pure PIL/NumPy (no torch), so the
-trainer side can import the vocabulary to score prompt adherence.
+cc0), and two sets of attribute combinations that never appear in the images:
+OUT/held_out.{jsonl,txt} for testing generation on prompts the model has not seen (scored
+once), and OUT/validation.{jsonl,txt} for choosing generation settings without looking at
+the test prompts. Pure PIL/NumPy (no torch), so the trainer side can import the vocabulary
+to score prompt adherence.
 """
 
 from __future__ import annotations
@@ -90,18 +92,39 @@ def draw(a: Attributes, size: int, rng: np.random.Generator | None = None) -> Im
     return img
 
 
-def split(held_out: int, seed: int) -> tuple[list[Attributes], list[Attributes]]:
-    """(training combinations, held-out combinations), chosen from the seed."""
+def split(
+    held_out: int, seed: int, validation: int = 0
+) -> tuple[list[Attributes], list[Attributes], list[Attributes]]:
+    """(training, held-out, validation combinations), disjoint, chosen from the seed."""
     combos = all_attributes()
+    if held_out + validation >= len(combos):
+        raise ValueError(
+            f"held_out + validation = {held_out + validation} leaves no training combination "
+            f"(there are {len(combos)})"
+        )
     order = np.random.default_rng(seed).permutation(len(combos))
+    # The held-out set is the first `held_out` of the permutation whatever `validation` is.
     held = sorted((combos[i] for i in order[:held_out]), key=lambda a: a.caption)
-    train = [combos[i] for i in sorted(order[held_out:])]
-    return train, held
+    val = sorted(
+        (combos[i] for i in order[held_out : held_out + validation]), key=lambda a: a.caption
+    )
+    train = [combos[i] for i in sorted(order[held_out + validation :])]
+    return train, held, val
 
 
-def generate(out: str, num: int, size: int = 32, held_out: int = 48, seed: int = 0) -> dict:
-    """Write the image folder and held-out prompts; returns counts."""
-    train, held = split(held_out, seed)
+def _write_prompts(out: str, name: str, combos: list[Attributes]) -> None:
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+        for a in combos:
+            f.write(json.dumps({"caption": a.caption, **dataclasses.asdict(a)}) + "\n")
+    with open(os.path.join(out, f"{name}.txt"), "w") as f:
+        f.write("".join(a.caption + "\n" for a in combos))
+
+
+def generate(
+    out: str, num: int, size: int = 32, held_out: int = 48, seed: int = 0, validation: int = 48
+) -> dict:
+    """Write the image folder, held-out and validation prompts; returns counts."""
+    train, held, val = split(held_out, seed, validation)
     images = os.path.join(out, "images")
     os.makedirs(images, exist_ok=True)
     rng = np.random.default_rng(seed + 1)
@@ -115,12 +138,14 @@ def generate(out: str, num: int, size: int = 32, held_out: int = 48, seed: int =
         meta = {**dataclasses.asdict(a), "license": "cc0", "url": f"synthetic://shapes/{key}"}
         with open(os.path.join(images, f"{key}.json"), "w") as f:
             json.dump(meta, f)
-    with open(os.path.join(out, "held_out.jsonl"), "w") as f:
-        for a in held:
-            f.write(json.dumps({"caption": a.caption, **dataclasses.asdict(a)}) + "\n")
-    with open(os.path.join(out, "held_out.txt"), "w") as f:
-        f.write("".join(a.caption + "\n" for a in held))
-    return {"images": num, "train_combinations": len(train), "held_out": len(held)}
+    _write_prompts(out, "held_out", held)
+    _write_prompts(out, "validation", val)
+    return {
+        "images": num,
+        "train_combinations": len(train),
+        "held_out": len(held),
+        "validation": len(val),
+    }
 
 
 def main(argv=None) -> int:
@@ -128,10 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--num-images", "--num", dest="num", type=int, default=4000)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--held-out", type=int, default=48)
+    p.add_argument("--held-out", type=int, default=48, help="test prompts, scored once")
+    p.add_argument("--validation", type=int, default=48, help="prompts for choosing settings")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    print(json.dumps(generate(a.out, a.num, a.size, a.held_out, a.seed)))
+    print(json.dumps(generate(a.out, a.num, a.size, a.held_out, a.seed, a.validation)))
     return 0
 
 

@@ -42,20 +42,34 @@ def test_chance_levels():
 
 
 def test_generate_holds_out_combinations_and_writes_sidecars(tmp_path):
-    counts = shapes.generate(str(tmp_path), num=60, size=24, held_out=10, seed=3)
-    assert counts == {"images": 60, "train_combinations": 890, "held_out": 10}
+    counts = shapes.generate(str(tmp_path), num=60, size=24, held_out=10, seed=3, validation=7)
+    assert counts == {"images": 60, "train_combinations": 883, "held_out": 10, "validation": 7}
     held = [json.loads(x) for x in (tmp_path / "held_out.jsonl").read_text().splitlines()]
-    held_captions = {h["caption"] for h in held}
+    val = [json.loads(x) for x in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    held_captions, val_captions = {h["caption"] for h in held}, {v["caption"] for v in val}
     assert (tmp_path / "held_out.txt").read_text().splitlines() == [h["caption"] for h in held]
+    assert (tmp_path / "validation.txt").read_text().splitlines() == [v["caption"] for v in val]
+    assert len(held_captions) == 10 and len(val_captions) == 7
+    assert not held_captions & val_captions
+    # The three sets partition every combination; the held-out set does not depend on how
+    # many validation prompts are drawn.
+    train, held2, val2 = shapes.split(10, 3, 7)
+    assert len(train) + 10 + 7 == len(shapes.all_attributes())
+    without_val = shapes.split(10, 3)[1]
+    assert {a.caption for a in held2} == held_captions == {a.caption for a in without_val}
+    assert {a.caption for a in val2} == val_captions
+    assert not {a.caption for a in train} & (held_captions | val_captions)
+    with pytest.raises(ValueError, match="held_out \\+ validation = 900 leaves no training"):
+        shapes.split(850, 0, 50)
     for i in range(60):
         meta = json.loads((tmp_path / "images" / f"shape{i:06d}.json").read_text())
         caption = (tmp_path / "images" / f"shape{i:06d}.txt").read_text()
         attrs = shapes.Attributes(
             **{f.name: meta[f.name] for f in dataclasses.fields(shapes.Attributes)}
         )
-        assert caption == attrs.caption and caption not in held_captions
+        assert caption == attrs.caption and caption not in held_captions | val_captions
         assert meta["license"] == "cc0"
         assert Image.open(tmp_path / "images" / f"shape{i:06d}.png").size == (24, 24)
     again = tmp_path / "again"
-    shapes.generate(str(again), num=60, size=24, held_out=10, seed=3)
+    shapes.generate(str(again), num=60, size=24, held_out=10, seed=3, validation=7)
     assert (again / "held_out.txt").read_text() == (tmp_path / "held_out.txt").read_text()

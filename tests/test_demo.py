@@ -28,7 +28,11 @@ def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     assert manifest["autoencoder"]["kind"] == "pixel"
     assert (out / "generated" / "grid.png").is_file()
     assert (out / "run" / "weights" / "params.safetensors").is_file()
-    assert "prompt adherence" in proc.stdout and str(out / "generated") in proc.stdout
+    assert "prompt adherence" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-2:] == [
+        f"labelled sheet of the held-out generations: {out / 'generated' / 'grid.png'}",
+        f"type your own prompts: {sys.executable} -m at1_jax.serve {out / 'run'}",
+    ]
     # A held-out tenth: 96 images in shards of 9 make 11 groups (the last of 6), one held out.
     assert manifest["val_num_samples"] in (6, 9) and len(manifest["val_shards"]) == 1
     assert manifest["num_samples"] + manifest["val_num_samples"] == 96
@@ -37,6 +41,40 @@ def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     assert val_row["step"] == 4 and 0 < val_row["val_loss_ema"] < 10
     assert (out / "run" / "curves.png").is_file()
     check_model_card(out, manifest, val_row, proc.stdout)
+    check_tune(out)
+
+
+def check_tune(out):
+    """Settings are chosen on the validation prompts: disjoint from the test and the images."""
+    cmd = [sys.executable, "-m", "at1_demo.tune", "--out", str(out), "--guidance", "1,5"]
+    proc = subprocess.run(
+        [*cmd, "--sampler-steps", "2", "--num-images", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "tune.json").read_text())
+    assert report["prompts"] == "validation"
+    rows = report["rows"]
+    assert sorted((r["guidance"], r["steps"], r["sampler"]) for r in rows) == [
+        (1.0, 2, "dpmpp2m"),
+        (5.0, 2, "dpmpp2m"),
+    ]
+    assert rows[0]["mean"] >= rows[1]["mean"]  # best first
+    assert all(0 <= r[f] <= 1 for r in rows for f in ("background", "shape", "mean"))
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["sampler", "steps", "guidance"] and len(lines) == 4
+    validation = (out / "shapes" / "validation.txt").read_text().splitlines()
+    held_out = (out / "shapes" / "held_out.txt").read_text().splitlines()
+    trained = {p.read_text() for p in (out / "shapes" / "images").glob("*.txt")}
+    assert len(validation) == 48 and not set(validation) & (set(held_out) | trained)
+    bad = subprocess.run(
+        [*cmd[:3], "--out", str(out / "nowhere")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad.stderr
+    assert "validation.jsonl not found" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def check_model_card(out, manifest, val_row, stdout):

@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -28,7 +27,7 @@ from at1_jax import torch_bridge
 from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles, load_model
 from at1_jax.decode.pixels import DecodeSpec, make_decoder, resolve_decode
 from at1_jax.model.denoiser import Denoiser
-from at1_jax.model.samplers import SamplerConfig, make_sampler
+from at1_jax.model.samplers import SamplerConfig, make_sampler, start_noise
 
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 TEXT_FILES = ("config.json", "model.safetensors", "tokenizer files")
@@ -137,13 +136,6 @@ def _encode_to_cache(todo, kind, model, files, batch_size) -> None:
 # ----------------------------------------------------------------------------- denoise
 
 
-@jax.jit
-def _start_noise(seeds, shape_holder):
-    """Per-image N(0, I) start noise, one PRNG stream per seed (batch-independent)."""
-    keys = jax.vmap(jax.random.key)(seeds)
-    return jax.vmap(lambda k: jax.random.normal(k, shape_holder.shape, jnp.float32))(keys)
-
-
 class Denoising:
     """Batched guided sampling of one model; one compiled program per sampler config."""
 
@@ -178,7 +170,7 @@ class Denoising:
         `on_batch(n)` is called after each batch of n images (progress bars).
         """
         run, b, c = self._run(sampler), self.batch_size, self.cfg
-        holder = jnp.zeros((c.latent_channels, c.latent_size, c.latent_size), jnp.float32)
+        shape = (c.latent_channels, c.latent_size, c.latent_size)
         out = []
         for i in range(0, len(seeds), b):
             n = min(b, len(seeds) - i)
@@ -186,7 +178,7 @@ class Denoising:
             text[:n] = text_ND[i : i + n]
             s = np.zeros(b, np.uint32)
             s[:n] = np.asarray(seeds[i : i + n], np.int64).astype(np.uint32)
-            x0 = run(jnp.asarray(text), _start_noise(jnp.asarray(s), holder), self.state)
+            x0 = run(jnp.asarray(text), start_noise(s, shape), self.state)
             out.append(np.asarray(x0)[:n])
             if on_batch is not None:
                 on_batch(n)

@@ -181,6 +181,14 @@ def sample(
     return x0
 
 
+def start_noise(seeds_B, latent_shape: Sequence[int]) -> jax.Array:
+    """f32[B, C, H, W] N(0, I) start noise, one PRNG stream per seed: an image depends on its
+    seed only, not on the batch it is sampled in (what `sample --seed` and sheets label)."""
+    shape = tuple(int(d) for d in latent_shape)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_B, jnp.uint32))
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
 def make_sampler(
     denoise_fn: DenoiseFn, cfg: SamplerConfig, latent_shape: Sequence[int]
 ) -> Callable[..., jax.Array]:

@@ -23,6 +23,7 @@ from at1_io.constants import DEFAULT_ALLOWED_LICENSES, UNKNOWN_LICENSE
 from at1_jax.model.denoiser import DenoiserConfig
 from at1_jax.model.objective import ObjectiveConfig
 from at1_jax.model.presets import PRESETS, get_preset
+from at1_jax.model.samplers import SamplerConfig
 from at1_jax.train.sharding import DEFAULT_RULES, MESH_AXES
 
 SCHEDULES = ("constant", "cosine")
@@ -99,7 +100,9 @@ class LogConfig:
     wandb_project: str = "at1-jax"
     sample_every: int = 0  # 0 = no sample grids
     sample_steps: int = 40
-    sample_guidance: float = 4.5
+    # The same defaults as `sample` and `serve`: a grid image is `sample --seed S` remade.
+    sample_guidance: float = SamplerConfig.guidance
+    sample_seed: int = SamplerConfig.seed
     num_samples: int = 8
     vae: str = ""  # "" = the dataset manifest's VAE; "none" = latent previews only
     val_every: int = 1000  # validation loss every N steps and at the end; 0 = never

@@ -14,7 +14,7 @@ from at1_io import schema, storage
 from at1_io.constants import PIXEL
 from at1_jax.decode import images
 from at1_jax.decode.pixels import DecodeSpec, make_decoder
-from at1_jax.model.samplers import SamplerConfig, make_sampler
+from at1_jax.model.samplers import SamplerConfig, make_sampler, start_noise
 from at1_jax.train import sharding
 from at1_jax.train.data import Dataset
 
@@ -40,8 +40,13 @@ class SampleGrids:
         if not self.prompts:  # no validation prompts: unconditional samples
             self.text = np.zeros((cfg.log.num_samples, ds.text_dim), np.float32)
         sampler = SamplerConfig(
-            steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance, seed=cfg.seed
+            steps=cfg.log.sample_steps, guidance=cfg.log.sample_guidance, seed=cfg.log.sample_seed
         )
+        # Like `sample --num-images 1`: every prompt from log.sample_seed; unconditional
+        # samples (no prompts) from consecutive seeds, so that they differ.
+        base, n = cfg.log.sample_seed, len(self.text)
+        self.seeds = [base] * n if self.prompts else [base + i for i in range(n)]
+        self.latent_shape = ds.latent_shape
 
         def denoise(x, sigma, text, params, buffers):
             return nnx.merge(graphdef, params, buffers)(x, sigma, text)
@@ -64,14 +69,20 @@ class SampleGrids:
             log.warning("sample grids show latents: cannot load VAE %r (%s)", source, e)
             return make_decoder(dataclasses.replace(spec, mode="none"), 0)
 
+    def latents(self, state: dict) -> np.ndarray:
+        """f32[N, C, H, W] x0 of the EMA weights for the grid's prompts and seeds."""
+        noise = start_noise(np.asarray(self.seeds, np.uint32), self.latent_shape)
+        return np.asarray(self._run(self.text, noise, state["ema"], state["buffers"]))
+
     def sheet(self, state: dict, step: int) -> list[np.ndarray]:
         """Labelled pages: each sample with its prompt, seed and guidance; title run and step."""
-        key = jax.random.key(self.cfg.seed)
-        latents = np.asarray(self._run(self.text, key, state["ema"], state["buffers"]))
+        latents = self.latents(state)
         log_cfg = self.cfg.log
-        settings = f"seed {self.cfg.seed} · guidance {log_cfg.sample_guidance:g}"
         prompts = self.prompts or ["(unconditional)"] * len(latents)
-        captions = [f"{p}\n{settings}" for p in prompts]
+        captions = [
+            f"{p}\nseed {s} · guidance {log_cfg.sample_guidance:g}"
+            for p, s in zip(prompts, self.seeds, strict=True)
+        ]
         title = f"{self.cfg.name} · step {step} · {log_cfg.sample_steps} steps, EMA weights"
         return images.sheet(self._decode(latents), captions, title)
 
