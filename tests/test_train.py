@@ -24,7 +24,7 @@ from PIL import Image
 
 from at1_io.synthetic import make_dataset
 from at1_jax.checkpointing import checkpoints as checkpoint
-from at1_jax.train import config, data, plots, sharding, validation
+from at1_jax.train import config, data, plots, run_setup, sharding, validation
 from at1_jax.train import step as train_step
 from at1_jax.train import trainer as train
 
@@ -178,23 +178,23 @@ def test_model_sizes_come_from_the_data_set_unless_pinned(tmp_path):
     make_dataset(str(tmp_path / "ds"), shards=1, per_shard=2, latent_shape=(3, 12, 12), text_dim=24)
     ds = data.open_dataset(str(tmp_path / "ds"))
     cfg = config.load_file(write_config(tmp_path, "sizes", str(tmp_path / "ds")))  # 4×8×8, 32
-    fitted = train.fit_to_dataset(cfg, ds)
+    fitted = run_setup.fit_to_dataset(cfg, ds)
     m = fitted.model
     assert (m.latent_channels, m.latent_size, m.text_dim) == (3, 12, 24)
     assert fitted.model.architecture() == dataclasses.replace(
         cfg.model.architecture(), latent_channels=3, latent_size=12, text_dim=24
     )
-    pinned = train.pinned_sizes(["--config.model.latent-size=12", "--config.model.depth=1"])
+    pinned = run_setup.pinned_sizes(["--config.model.latent-size=12", "--config.model.depth=1"])
     assert pinned == {"latent_size"}
     # A pin that agrees is fine; a preset swapped in after a pin replaces it.
-    assert train.fit_to_dataset(dataclasses.replace(cfg, model=m), ds, pinned).model == m
-    assert train.pinned_sizes(["--config.model.text_dim=3", "--config.model=at1"]) == set()
+    assert run_setup.fit_to_dataset(dataclasses.replace(cfg, model=m), ds, pinned).model == m
+    assert run_setup.pinned_sizes(["--config.model.text_dim=3", "--config.model=at1"]) == set()
     with pytest.raises(config.ConfigError, match=r"model.text_dim=32 \(data set: 24\)"):
-        train.fit_to_dataset(cfg, ds, frozenset({"text_dim"}))
+        run_setup.fit_to_dataset(cfg, ds, frozenset({"text_dim"}))
     odd = str(tmp_path / "odd")
     make_dataset(odd, shards=1, per_shard=2, latent_shape=(4, 7, 7), text_dim=24)
     with pytest.raises(config.ConfigError, match=r"latents \(4, 7, 7\).*not a multiple of"):
-        train.fit_to_dataset(cfg, data.open_dataset(odd))
+        run_setup.fit_to_dataset(cfg, data.open_dataset(odd))
 
 
 @pytest.mark.slow
@@ -370,7 +370,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     cfg_ft = config.apply_overrides(
         config.load_file(ft), [f"--config.checkpoint.init_from={weights_dir}"]
     )
-    model = train.initial_model(cfg_ft)
+    model = run_setup.initial_model(cfg_ft)
     from at1_jax.model import weights
 
     stored = weights.model_arrays(weights.load(weights_dir))
@@ -404,7 +404,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     assert info["text_encoder"] == "clip=tiny" and info["latent_scale"] == 8.0
     assert run_info["text_encoder"] == "clip=tiny" and run_info["latent_scale"] == 8.0
     # init_from also takes a run folder (its latest EMA), and names a bad path.
-    from_run = train.initial_model(
+    from_run = run_setup.initial_model(
         config.apply_overrides(cfg_ft, [f"--config.checkpoint.init_from={tmp_path / 'a'}"])
     )
     got = nnx.to_pure_dict(nnx.state(from_run, nnx.Param))
@@ -414,7 +414,7 @@ def test_resume_continues_and_init_from_loads_weights(tmp_path, dataset):
     with pytest.raises(
         config.ConfigError, match=r"config.checkpoint.init_from: .*nope.* not found"
     ):
-        train.initial_model(missing)
+        run_setup.initial_model(missing)
     # Step 6's metadata no longer matches its checksum: the model and the facts reported
     # (step, card) are step 4's, the newest intact one.
     from at1_jax.checkpointing.load import MissingFiles

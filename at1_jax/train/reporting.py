@@ -20,6 +20,12 @@ from at1_jax.train.config import ConfigError
 log = logging.getLogger(__name__)
 
 
+def say(text: str) -> None:
+    """Prints a line on process 0 only."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
 def describe_consumed(consumed: dict) -> str:
     """'N samples: licences a 1, b 2; sources s 3' of a Consumed.to_dict()."""
 

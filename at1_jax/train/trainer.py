@@ -8,7 +8,6 @@ checkpoint that cannot be used; 3 a non-finite step.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -18,19 +17,14 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from at1_io import schema
 from at1_jax.checkpointing import checkpoints as checkpoint
-from at1_jax.checkpointing import model_card
-from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
-from at1_jax.model.denoiser import NUMERICS, Denoiser, count_params
 from at1_jax.model.flops import analytic_train_flops
-from at1_jax.model.presets import PRESETS
 from at1_jax.train import config, data, distributed, reporting, sharding, validation
 from at1_jax.train import step as train_step
 from at1_jax.train.export import WEIGHTS_DIR, RunFailure, export_ema, exported_step
-from at1_jax.train.reporting import Reporter
+from at1_jax.train.reporting import Reporter, say
 from at1_jax.train.run_record import (
     config_changes,
     layout_changes,
@@ -38,184 +32,25 @@ from at1_jax.train.run_record import (
     refuse_changes_to_finished,
     write_config,
 )
+from at1_jax.train.run_setup import (
+    check_fit,
+    dry_run_report,
+    fit_to_dataset,
+    initial_model,
+    param_count,
+    parent_of,
+    parse_args,
+    validation_set,
+)
 from at1_jax.train.sample_grids import SampleGrids, write_grid
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_UNUSABLE, EXIT_NONFINITE = 1, 2, 3
-# Model sizes that follow the data set unless given on the command line.
-SIZE_FIELDS = ("latent_channels", "latent_size", "text_dim")
 
 
 class TrainingError(RuntimeError):
     """A non-finite step: the run cannot go on; the message says why and what to do."""
-
-
-def _epilog() -> str:
-    groups = ", ".join(f.name for f in dataclasses.fields(config.TrainConfig))
-    return (
-        "Any config field is set with --config.SECTION.FIELD=VALUE, e.g.\n"
-        "  --config.optim.lr=1e-4 --config.data.path=s3://bucket/data\n"
-        f"Sections and fields: {groups}\n"
-        f"Model presets (--config.model=NAME): {', '.join(PRESETS)}\n"
-        "--dry-run shows the resolved config without training."
-    )
-
-
-def parse_args(argv) -> tuple[config.TrainConfig, frozenset[str], bool]:
-    """The run's config, the model sizes pinned on the command line, and --dry-run."""
-    p = argparse.ArgumentParser(
-        prog="python -m at1_jax.train",
-        description=__doc__.split("\n")[0],
-        epilog=_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
-    p.add_argument("--init-from", help="checkpoint folder or at1-jax weights folder to start from")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the resolved config and the data set's summary, then exit (no compiling)",
-    )
-    args, rest = p.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        p.error(f"unknown arguments {unknown}; fields are set as --config.section.field=value")
-    cfg = config.apply_overrides(config.load_file(args.config), rest)
-    ck = cfg.checkpoint
-    if args.init_from is not None:
-        ck = dataclasses.replace(ck, init_from=args.init_from)
-    if args.resume is not None:
-        ck = dataclasses.replace(ck, resume=args.resume)
-    return dataclasses.replace(cfg, checkpoint=ck), pinned_sizes(rest), args.dry_run
-
-
-def pinned_sizes(overrides: list[str]) -> frozenset[str]:
-    """`SIZE_FIELDS` set by `--config.model.X=` (a later `--config.model=PRESET` unsets them)."""
-    pinned: set[str] = set()
-    for item in overrides:
-        key = item.lstrip("-").partition("=")[0].replace("-", "_")
-        if key == "config.model":
-            pinned.clear()
-        elif key.startswith("config.model.") and key.rsplit(".", 1)[1] in SIZE_FIELDS:
-            pinned.add(key.rsplit(".", 1)[1])
-    return frozenset(pinned)
-
-
-def fit_to_dataset(
-    cfg: config.TrainConfig, ds: data.Dataset, pinned: frozenset[str] = frozenset()
-) -> config.TrainConfig:
-    """The config with the data set's latent and text sizes; a pinned size must agree."""
-    shape = tuple(ds.latent_shape)
-    facts = f"data set {ds.root} (latents {shape}, text array {ds.text_name!r} {ds.text_dim}-d)"
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise config.ConfigError(f"{facts}: the model needs (channels, size, size) latents")
-    found = {"latent_channels": shape[0], "latent_size": shape[1], "text_dim": ds.text_dim}
-    clash = [
-        f"--config.model.{k}={getattr(cfg.model, k)} (data set: {v})"
-        for k, v in found.items()
-        if k in pinned and getattr(cfg.model, k) != v
-    ]
-    if clash:
-        raise config.ConfigError(
-            f"{', '.join(clash)} given on the command line does not fit the {facts}: drop "
-            "the override to take the data set's size, or use another data set"
-        )
-    changed = {k: v for k, v in found.items() if getattr(cfg.model, k) != v}
-    if not changed:
-        return cfg
-    try:
-        model = dataclasses.replace(cfg.model, **changed)
-    except ValueError as e:
-        raise config.ConfigError(f"{facts}: {e}") from None
-    log.info(
-        "model sizes from the data set: %s",
-        ", ".join(f"{k}={v} (config: {getattr(cfg.model, k)})" for k, v in changed.items()),
-    )
-    return dataclasses.replace(cfg, model=model)
-
-
-def check_fit(cfg: config.TrainConfig) -> None:
-    """The batch splits over the processes; raised before anything is compiled."""
-    if cfg.data.batch_size % jax.process_count():
-        raise config.ConfigError(
-            f"config.data.batch_size={cfg.data.batch_size} is not divisible by the "
-            f"{jax.process_count()} processes"
-        )
-
-
-def validation_set(cfg: config.TrainConfig, ds: data.Dataset):
-    """The held-out samples the validation loss uses, or None (off, or no split)."""
-    if not cfg.log.val_every:
-        return None
-    found = validation.find_split(ds, cfg.data.val_path)
-    if found is None:
-        _say(
-            f"no validation split in {ds.root} (data_prep.encode --val-fraction or "
-            "--val-input writes one; data.val_path names another data set): no validation loss"
-        )
-        return None
-    return validation.load_split(*found, cfg.log.val_samples)
-
-
-def initial_model(cfg: config.TrainConfig):
-    """Weights to fine-tune from (`init_from`), or None to start from the seed."""
-    path = cfg.checkpoint.init_from
-    if not path:
-        return None
-    try:  # stored weights, this run's numerics (compute dtype, remat, …)
-        model, _ = load_model(path, **{k: getattr(cfg.model, k) for k in NUMERICS})
-    except (MissingFiles, ValueError, OSError) as e:
-        raise config.ConfigError(f"config.checkpoint.init_from: {e}") from e
-    if model.cfg.architecture() != cfg.model.architecture():
-        raise config.ConfigError(
-            f"init_from {path}: its model {model.cfg} differs from config.model {cfg.model}"
-        )
-    return model
-
-
-def parent_of(cfg: config.TrainConfig) -> dict | None:
-    """What a fine-tune records of the weights it starts from (`init_from`) and their card."""
-    path = cfg.checkpoint.init_from
-    if not path:
-        return None
-    try:
-        return model_card.parent_record(path, card_of(path))
-    except (MissingFiles, model_card.CardError, ValueError) as e:
-        raise config.ConfigError(f"config.checkpoint.init_from: {e}") from e
-
-
-def dry_run_report(cfg: config.TrainConfig, pinned: frozenset[str]) -> int:
-    """Prints the config as it would train (sizes fitted to the data set) and the data set."""
-    ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
-    cfg = fit_to_dataset(cfg, ds, pinned)
-    check_fit(cfg)
-    licenses = data.check_licenses(ds, config.allowed_licenses(cfg.data.licenses))
-    m = ds.manifest
-    print(config.to_json(cfg))
-    print(
-        f"data set {ds.root}: {m.num_samples} training samples in {len(m.shards)} shards, "
-        f"{m.val_num_samples} held out; latents {tuple(ds.latent_shape)} × "
-        f"{ds.latent_scale:g}, text {ds.text_name} ({ds.text_dim}-d); training-split "
-        f"licences {licenses} (allowed: {cfg.data.licenses})"
-    )
-    epochs = cfg.steps * cfg.data.batch_size / max(m.num_samples, 1)
-    print(
-        f"model: {param_count(cfg.model):,} parameters; {cfg.steps} steps of "
-        f"{cfg.data.batch_size} images = {epochs:.1f} epochs"
-    )
-    return 0
-
-
-def param_count(model_cfg) -> int:
-    """Trainable parameters of a model config (shapes only, nothing allocated)."""
-    return count_params(nnx.eval_shape(lambda: Denoiser(model_cfg, nnx.Rngs(0))))
-
-
-def _say(text: str) -> None:
-    if jax.process_index() == 0:
-        print(text, flush=True)
 
 
 def _close_all(closers: list, failing: bool) -> None:
@@ -314,7 +149,7 @@ def _train(cfg, pinned, stop, closers) -> int:
             refuse_changes_to_finished(cfg, latest, changes)
             if exported_step(cfg.run_dir) == latest:
                 out = os.path.join(cfg.run_dir, WEIGHTS_DIR)
-                _say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
+                say(f"already finished at step {latest}: nothing to do; EMA weights in {out}")
                 return 0
     if not stop.multi and stop.requested_here:  # one process: no agreement needed
         return _stopped_early(latest)
@@ -325,7 +160,7 @@ def _train(cfg, pinned, stop, closers) -> int:
         if latest >= cfg.steps:
             return _export_finished(cfg, state, latest, meta)
         if changes:
-            _say(f"settings changed since step {latest}: {'; '.join(changes)}")
+            say(f"settings changed since step {latest}: {'; '.join(changes)}")
         saved_positions = meta.get("data_positions") or positions
         if len(saved_positions) == streams:
             positions = saved_positions
@@ -358,8 +193,8 @@ def _train(cfg, pinned, stop, closers) -> int:
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
     if latest is not None:
-        _say(f"resuming from step {start} of {cfg.steps} ({where})")
-    _say(f"compiling the train step ({param_count(cfg.model):,} parameters)…")
+        say(f"resuming from step {start} of {cfg.steps} ({where})")
+    say(f"compiling the train step ({param_count(cfg.model):,} parameters)…")
     step_fn = jitted.lower(spec.abstract, first).compile()
     if stop.should_stop(start):
         return _stopped_early(latest)
@@ -494,13 +329,13 @@ def _train(cfg, pinned, stop, closers) -> int:
 def _export_finished(cfg, state: dict, step: int, meta: dict) -> int:
     """A finished run whose weights are missing or older: export them, never retrain."""
     out = export_ema(state, cfg, step, meta)
-    _say(f"already finished at step {step}; its EMA weights were exported to {out}")
+    say(f"already finished at step {step}; its EMA weights were exported to {out}")
     return 0
 
 
 def _stopped_early(latest: int | None) -> int:
     kept = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint"
-    _say(f"stop signal before the first step: nothing to save ({kept}), exiting")
+    say(f"stop signal before the first step: nothing to save ({kept}), exiting")
     return 0
 
 
