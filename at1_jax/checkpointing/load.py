@@ -12,7 +12,7 @@ from flax import nnx
 
 from at1_io import storage
 from at1_io.dataset_facts import generation_facts
-from at1_jax.checkpointing import checkpoints, model_card
+from at1_jax.checkpointing import card_text, checkpoints, model_card
 from at1_jax.model import weights
 from at1_jax.model.denoiser import Denoiser
 
@@ -107,7 +107,7 @@ def _summary(path: str) -> str:
             f"{path}: no model card (written before model cards, or copied without "
             f"{model_card.JSON_FILE}): its training data and licences are unknown"
         )
-    return card.get("summary") or model_card.summary(card)
+    return card.get("summary") or card_text.summary(card)
 
 
 def load_model(
