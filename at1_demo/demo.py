@@ -31,6 +31,7 @@ from PIL import Image
 
 from at1_demo import adherence
 from at1_demo import synthetic_shapes as shapes
+from at1_io.help_format import DefaultsHelpFormatter
 
 PROMPT_FILES = ("held_out.txt", "validation.txt")
 # Generation settings, chosen with `python -m at1_demo.tune` on the validation prompts.
@@ -91,7 +92,11 @@ def evaluate(out: str, generated: str, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m at1_demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_demo",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--num-images", type=int, default=4000)
     p.add_argument("--size", type=int, default=32)

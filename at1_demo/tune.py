@@ -19,6 +19,7 @@ import sys
 
 from at1_demo import adherence
 from at1_demo.demo import load_prompts
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.checkpointing.load import MissingFiles
 from at1_jax.generate.pipeline import Pipeline
 from at1_jax.model.samplers import SAMPLERS, SamplerConfig
@@ -54,7 +55,11 @@ def sweep(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m at1_demo.tune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_demo.tune",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument("--out", default="outputs/demo", help="the demo's output folder")
     p.add_argument("--guidance", type=lambda t: _numbers(t, float), default=[3.0, 5.0, 8.0])
     p.add_argument("--sampler-steps", type=lambda t: _numbers(t, int), default=[20])

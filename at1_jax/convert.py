@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.checkpointing import model_card
 from at1_jax.model import weights
 from at1_jax.model.denoiser import BLOCKS
@@ -62,10 +63,16 @@ def export_with_card(weights_dir: str, out: str, dtype: str = "float32"):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m at1_jax.convert", description=__doc__.split("\n")[0]
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_jax.convert",
+        description=__doc__.split("\n")[0],
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="PyTorch checkpoint → at1-jax weights folder")
+    imp = sub.add_parser(
+        "import",
+        formatter_class=DefaultsHelpFormatter,
+        help="PyTorch checkpoint → at1-jax weights folder",
+    )
     imp.add_argument("checkpoint", help=".pth/.pt/.bin (torch.save) or .safetensors")
     imp.add_argument("out", help="output folder")
     imp.add_argument(
@@ -84,7 +91,11 @@ def main(argv=None) -> int:
         help="cross-attention heads (default: recorded in the file, else 4 legacy, "
         "width // 64 prenorm)",
     )
-    exp = sub.add_parser("export", help="at1-jax weights folder → PyTorch-named .safetensors")
+    exp = sub.add_parser(
+        "export",
+        formatter_class=DefaultsHelpFormatter,
+        help="at1-jax weights folder → PyTorch-named .safetensors",
+    )
     exp.add_argument("weights", help="at1-jax weights folder")
     exp.add_argument("out", help="output .safetensors")
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32")

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from at1_io import storage
+from at1_io.help_format import DefaultsHelpFormatter
 from data_prep import records
 from data_prep.settings import EncodeSettings
 from data_prep.workdir import work_dir
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.encode",
         description="Filter, caption and encode images into webdataset latent shards.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("input", help="image folder, tar(s), .parquet/.jsonl table, or tfds:NAME")
     p.add_argument("output", help="dataset root (local path or s3://bucket/prefix)")
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if argv[:1] == ["merge"]:
-        mp = argparse.ArgumentParser(prog="python -m data_prep.encode merge")
+        mp = argparse.ArgumentParser(
+            formatter_class=DefaultsHelpFormatter, prog="python -m data_prep.encode merge"
+        )
         mp.add_argument("output")
         out = mp.parse_args(argv[1:]).output
         with work_dir() as tmp:

@@ -14,6 +14,7 @@ import time
 import jax
 from flax import nnx
 
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.model.denoiser import Denoiser, DenoiserConfig
 from at1_jax.model.flops import analytic_train_flops, compiled_flops, peak_flops
 from at1_jax.model.objective import x0_loss
@@ -236,9 +237,15 @@ def _fmt(v, spec):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m at1_jax.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter, prog="python -m at1_jax.bench", description=__doc__
+    )
     sub = parser.add_subparsers(dest="what", required=True)
-    m = sub.add_parser("model", help="forward+backward throughput and FLOPs per preset")
+    m = sub.add_parser(
+        "model",
+        formatter_class=DefaultsHelpFormatter,
+        help="forward+backward throughput and FLOPs per preset",
+    )
     default = "tld-tiny,at1" if jax.default_backend() == "cpu" else ",".join(PRESETS)
     m.add_argument("--presets", default=default, help=f"comma-separated (default {default})")
     m.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
@@ -248,13 +255,21 @@ def main(argv=None) -> int:
     m.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     m.add_argument("--remat", action="store_true")
     m.add_argument("--flops-only", action="store_true", help="compile and count, do not time")
-    s = sub.add_parser("sample", help="generation images/s, split into denoising and decoding")
+    s = sub.add_parser(
+        "sample",
+        formatter_class=DefaultsHelpFormatter,
+        help="generation images/s, split into denoising and decoding",
+    )
     s.add_argument("--presets", default="at1")
     s.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16)
     s.add_argument("--steps", type=int, default=15)
     s.add_argument("--guidance", type=float, default=6.0)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    t = sub.add_parser("train", help="the sharded train step: img/s, TFLOP/s, MFU, memory")
+    t = sub.add_parser(
+        "train",
+        formatter_class=DefaultsHelpFormatter,
+        help="the sharded train step: img/s, TFLOP/s, MFU, memory",
+    )
     t.add_argument("--preset", default="at1")
     t.add_argument(
         "--batch-size", "--batch", dest="batch", type=int, default=32, help="global batch"

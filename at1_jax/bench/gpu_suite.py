@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.bench.benchmarks import bench_sample, bench_train
 from at1_jax.model.presets import get_preset
 
@@ -250,7 +251,11 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m at1_jax.bench.gpu_suite", description=__doc__)
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_jax.bench.gpu_suite",
+        description=__doc__,
+    )
     p.add_argument("out", help="directory for report.json and report.md")
     p.add_argument("--cpu-smoke", action="store_true", help="toy sizes, for tests on a CPU")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting cases after this")

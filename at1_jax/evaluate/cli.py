@@ -28,6 +28,7 @@ import os
 import sys
 
 from at1_io import storage
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax import torch_bridge
 from at1_jax.checkpointing import model_card
 from at1_jax.evaluate import inception
@@ -51,7 +52,9 @@ DEFAULT_INCEPTION = os.path.join(sample.DEFAULT_CACHE, inception.WEIGHTS_FILE)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m at1_jax.evaluate", description=__doc__.split("\n")[0]
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_jax.evaluate",
+        description=__doc__.split("\n")[0],
     )
     p.add_argument("--checkpoint", required=True, help="weights folder (local or s3://)")
     p.add_argument("--captions", help="COCO captions JSON (local or s3://), for FID/CLIP")
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", default="6", help="comma-separated values, one report row each")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--sampler", default="dpmpp2m", choices=SAMPLERS)
-    p.add_argument("--seed", type=int, default=0, help="caption i uses seed + i")
+    p.add_argument("--seed", type=int, default=11, help="caption i uses seed + i (as sample)")
     p.add_argument("--metrics", default="fid,clip", help="fid, clip, or both")
     p.add_argument("--inception-weights", default=DEFAULT_INCEPTION)
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP hub id or folder")

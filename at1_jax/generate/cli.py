@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles
 from at1_jax.decode import images
 from at1_jax.decode.pixels import DECODERS
@@ -102,7 +103,11 @@ def _write_settings(out: str, settings: dict) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m at1_jax.sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m at1_jax.sample",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument(
         "--checkpoint", required=True, help="weights folder or training run (local or s3://)"
     )

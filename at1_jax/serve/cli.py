@@ -15,6 +15,7 @@ import sys
 import jax
 
 from at1_io.constants import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.checkpointing.load import DEFAULT_CACHE, MissingFiles
 from at1_jax.generate.pipeline import Pipeline
 from at1_jax.serve import command
@@ -36,6 +37,7 @@ def _batch_sizes(value: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m at1_jax.serve",
         description=__doc__.split("\n")[0],
     )
