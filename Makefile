@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # and otherwise pays page faults for them (+30-40% on CPU, see docs/performance.md).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456:glibc.malloc.arena_max=1
 
-.PHONY: gpu-wheels bench-gpu setup demo test test-fast lint format bench clean
+.PHONY: gpu-wheels bench-gpu setup demo test test-fast lint format bench bench-compare clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -59,6 +59,11 @@ bench-gpu:
 
 bench: $(STAMP)
 	$(BIN)/python -m at1_jax.bench model --presets at1 --batch 32
+
+# Side by side with the PyTorch reference step, alternating rounds (docs/performance.md);
+# ARGS passes more flags, e.g. make bench-compare ARGS="--dtype bfloat16 --rounds 3".
+bench-compare: $(STAMP)
+	PYTHONPATH=. $(BIN)/python tools/bench_compare.py --presets at1,tld-tiny --batch 32 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

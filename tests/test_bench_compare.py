@@ -27,7 +27,7 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     text = run.stdout
     assert "preset=tld-tiny batch=4 rounds=1" in text
-    assert "at1_jax: jax " in text and "compute bfloat16" in text
+    assert "at1_jax: jax " in text and "compute float32" in text  # the CPU default
     assert "torch: torch " in text and "fp32 eager" in text
     rows = {
         m["side"]: m

@@ -324,8 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="global batch, both sides")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, alternating")
     p.add_argument("--round-s", type=float, default=15.0, help="about this long per round")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                   help="JAX compute dtype (parameters, loss, optimiser stay fp32)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="JAX compute dtype (parameters, loss, optimiser stay fp32); float32 "
+                        "is the presets' and configs/cpu.py's default")  # fmt: skip
     p.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     p.add_argument("--devices", type=int, default=1, help="fake CPU devices for the JAX side")
     p.add_argument("--fsdp", type=int, default=1, help="fsdp mesh axis (data takes the rest)")
