@@ -1,6 +1,6 @@
 """The built-in default job: a real text-to-image model trained end to end on a CPU.
 
-    python -m at1_demo [--out outputs/demo] [--minutes 4]
+    python -m at1_demo [--out outputs/demo] [--steps 3000] [--seed 0]
 
 1. data: a synthetic captioned set of coloured shapes (data_prep.synthetic_shapes), some
    attribute combinations held out;
@@ -35,7 +35,7 @@ from at1_io.help_format import DefaultsHelpFormatter
 
 PROMPT_FILES = ("held_out.txt", "validation.txt")
 # Generation settings, chosen with `python -m at1_demo.tune` on the validation prompts.
-GUIDANCE, SAMPLE_STEPS = 5.0, 20
+GUIDANCE, SAMPLE_STEPS = 2.0, 20
 # Shipped inside the package, so an installed (non-editable) copy finds it too.
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "config.py")
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--num-images", type=int, default=4000)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--steps", type=int, default=3000, help="training steps")
     p.add_argument("--vae", default="pixel", help="'pixel' or a diffusers AutoencoderKL id/path")
     p.add_argument("--text-encoder", default="", help="default: minilm:sentence=<MiniLM>")
     p.add_argument("--seed", type=int, default=0)
@@ -180,5 +180,7 @@ def _print_summary(report: dict, out: str, run_dir: str, gen_dir: str) -> None:
     print(f"losses: {run_dir}/scalars.jsonl (validation loss included), {run_dir}/curves.png")
     print(f"model card: {run_dir}/weights/model_card.md")
     print(f"report: {out}/adherence.json")
-    print(f"\nlabelled sheet of the held-out generations: {gen_dir}/grid.png")
+    with open(os.path.join(gen_dir, "settings.json")) as f:
+        sheets = [n for n in json.load(f)["files"] if n.startswith("grid")]  # paged past 48
+    print(f"\nlabelled sheets of the held-out generations: {', '.join(sheets)} in {gen_dir}")
     print(f"type your own prompts: {sys.executable} -m at1_jax.serve {run_dir}")

@@ -30,7 +30,8 @@ def test_demo_runs_every_stage_and_reports_adherence(tmp_path):
     assert (out / "run" / "weights" / "params.safetensors").is_file()
     assert "prompt adherence" in proc.stdout
     assert proc.stdout.strip().splitlines()[-2:] == [
-        f"labelled sheet of the held-out generations: {out / 'generated' / 'grid.png'}",
+        "labelled sheets of the held-out generations: grid.png, grid-2.png in "
+        f"{out / 'generated'}",  # 96 images: two pages of 48
         f"type your own prompts: {sys.executable} -m at1_jax.serve {out / 'run'}",
     ]
     # A held-out tenth: 96 images in shards of 9 make 11 groups (the last of 6), one held out.

@@ -56,6 +56,18 @@ def test_sheet_upscales_small_images_nearest_and_labels_each_one():
     assert _dark_rows(page[:30], 0, page.shape[1], 0) > 0  # the title line
 
 
+def test_a_title_wider_than_the_sheet_wraps_instead_of_being_cut():
+    imgs = np.full((1, 8, 8, 3), 40, np.uint8)
+    title = "/a/long/run/folder/without/spaces/outputs/demo/run · dpmpp2m 20 steps · guidance 2"
+    [short] = images.sheet(imgs, ["p"], "t")
+    [page] = images.sheet(imgs, ["p"], title)
+    extra = page.shape[0] - short.shape[0]  # one sheet column is 144 px wide: several lines
+    assert extra >= 2 * images.TITLE_LINE_H and extra % images.TITLE_LINE_H == 0
+    top = 10 + images.TITLE_LINE_H * (1 + extra // images.TITLE_LINE_H)  # the cell moved down
+    assert (page[top : top + 128, 8 : 8 + 128] == 40).all()
+    assert _dark_rows(page[: top - 4], 0, page.shape[1], 0) > 2 * 12  # every title line drawn
+
+
 def test_sheet_pages_instead_of_cutting():
     imgs = np.full((7, 16, 16, 3), 90, np.uint8)
     pages = images.sheet(imgs, [f"prompt {i}" for i in range(7)], "t", ncols=2, per_page=3)

@@ -60,6 +60,7 @@ def save_png(image_HWC, path: str) -> str:
 
 SHEET_MIN_CELL = 128  # small images are upscaled (nearest neighbour) to at least this
 SHEET_PER_PAGE = 48
+TITLE_LINE_H = 20  # 16-px title font plus leading
 
 
 def _font(size: int):
@@ -122,12 +123,16 @@ def sheet(
         text_h = line_h * max((len(t) for t in texts.values()), default=0)
         cell_h = ch + text_h + pad
         head = title if pages == 1 else f"{title} (page {page + 1}/{pages})"
-        canvas = Image.new("RGB", (pad + cols * (cw + pad), 30 + rows * cell_h + pad), "white")
+        width = pad + cols * (cw + pad)
+        head_lines = _wrap(head, title_font, width - 2 * pad)  # a narrow sheet wraps its title
+        top = 10 + TITLE_LINE_H * len(head_lines)
+        canvas = Image.new("RGB", (width, top + rows * cell_h + pad), "white")
         draw = ImageDraw.Draw(canvas)
-        draw.text((pad, 6), head, fill="black", font=title_font)
+        for j, line in enumerate(head_lines):
+            draw.text((pad, 6 + j * TITLE_LINE_H), line, fill="black", font=title_font)
         for k, i in enumerate(idx):
             r, c = divmod(k, cols)
-            x, y = pad + c * (cw + pad), 30 + r * cell_h
+            x, y = pad + c * (cw + pad), top + r * cell_h
             tile = Image.fromarray(imgs[i].squeeze(-1) if imgs.shape[-1] == 1 else imgs[i])
             canvas.paste(tile.resize((cw, ch), Image.Resampling.NEAREST), (x, y))
             for j, line in enumerate(texts[i]):

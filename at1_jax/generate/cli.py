@@ -179,7 +179,9 @@ def main(argv=None) -> int:
     ]
     title = f"{args.checkpoint} · {args.sampler} {args.steps} steps · guidance {args.guidance:g}"
     captions = [f"{r['prompt']}\nseed {r['seed']} · guidance {args.guidance:g}" for r in records]
-    pages = images.sheet(imgs, captions, title, ncols=min(args.num, 8))
+    # Up to 8 columns, a prompt's images side by side: 2 per prompt → 4 prompts a row.
+    ncols = args.num * max(1, 8 // args.num) if args.num <= 8 else 8
+    pages = images.sheet(imgs, captions, title, ncols=min(ncols, len(imgs)))
     sheets = ["grid.png"] + [f"grid-{k}.png" for k in range(2, len(pages) + 1)]
     files = [r["file"] for r in records] + sheets
     files += ["latents.npy"] if args.decode == "none" else []
