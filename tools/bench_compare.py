@@ -225,7 +225,8 @@ class Worker:
                 return json.loads(line[len(TAG) :])
             sys.stderr.write(line)
         code = self.proc.wait()
-        raise SystemExit(f"error: the {self.side} worker exited with status {code} (see above)")
+        why = " (SIGKILL: out of memory?)" if code == -9 else " (its stderr is above)"
+        raise SystemExit(f"error: the {self.side} worker exited with status {code}{why}")
 
     def ask(self, command: str) -> dict:
         self.proc.stdin.write(command + "\n")
