@@ -10,7 +10,8 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" to each option that has a default, with or without help text.
 
     argparse's ArgumentDefaultsHelpFormatter skips options without help text and prints
-    "(default: None)" and "(default: False)" for optional values and switches.
+    "(default: None)", "(default: False)" and "(default: )" for optional values, switches
+    and empty strings.
     """
 
     def _format_action(self, action: argparse.Action) -> str:
@@ -21,7 +22,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
             and default is not None
             and default is not argparse.SUPPRESS
             and not isinstance(default, bool)
-            and default != []
+            and default not in ([], "")
             and "%(default)" not in (action.help or "")
         )
         if shown:

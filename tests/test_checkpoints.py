@@ -135,3 +135,12 @@ def test_s3_server_going_away_keeps_the_last_checkpoint(tmp_path, monkeypatch, c
 def test_retry_seconds_must_be_positive(tmp_path):
     with pytest.raises(CheckpointError, match=f"checkpoints {tmp_path}: retry seconds must be > 0"):
         Checkpoints(str(tmp_path), retry_seconds=0)
+
+
+def test_an_s3_request_waits_no_longer_than_the_retry_budget_for_its_answer():
+    # A short budget also shortens botocore's 60 s read timeout: a request stuck on a dead
+    # server's connection kept a process alive a minute after its failure was reported.
+    from at1_jax.checkpointing import retries, s3_orbax
+
+    timeouts = [s3_orbax.read_timeout(retries.RetryPolicy(s)) for s in (2, 30, 120, 600)]
+    assert timeouts == [5.0, 30.0, 60.0, 60.0]

@@ -16,13 +16,14 @@ def test_defaults_are_shown_with_or_without_help_text():
     p.add_argument("--port", type=int, default=8000, help="port; default %(default)s")
     p.add_argument("--quiet", action="store_true", help="a switch")
     p.add_argument("--vae", default=None, help="optional")
+    p.add_argument("--text-encoder", default="", help="empty: the data set's")
     p.add_argument("--tags", action="append", default=[], help="repeatable")
     rows = [" ".join(line.split()) for line in p.format_help().splitlines() if "  --" in line]
     lines = {row.split()[0]: row for row in rows}
     assert lines["--steps"].endswith("STEPS (default: 15)")
     assert lines["--guidance"].endswith("how strongly (default: 6.0)")
     assert lines["--port"].endswith("port; default 8000")  # not twice
-    for switch in ("--quiet", "--vae", "--tags"):  # no "(default: False/None/[])"
+    for switch in ("--quiet", "--vae", "--tags", "--text-encoder"):  # no (default: None/""/…)
         assert "default" not in lines[switch], lines[switch]
 
 
@@ -32,7 +33,10 @@ def test_defaults_are_shown_with_or_without_help_text():
         ("at1_jax.sample", ["--steps STEPS", "(default: 15)", "(default: 6.0)", "(default: 11)"]),
         ("at1_jax.evaluate", ["(default: 6)", "caption i uses seed + i (as sample) (default: 11)"]),
         ("at1_jax.bench", ["python -m at1_jax.bench"]),
-        ("at1_demo", ["(default: outputs/demo)", "(default: 2000)"]),
+        (
+            "at1_demo",
+            ["--out OUT (default: outputs/demo)", "--num-images NUM_IMAGES (default: 4000)"],
+        ),
         ("at1_demo.tune", ["(default: outputs/demo)", "seeds per prompt (default: 2)"]),
     ],
 )

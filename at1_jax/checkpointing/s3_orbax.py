@@ -187,14 +187,24 @@ def _retrying_filesystem_class():
     return RetryingS3FileSystem
 
 
+def read_timeout(policy: retries.RetryPolicy) -> float:
+    """Seconds one S3 request may wait for an answer: 60, or the retry budget if shorter.
+
+    A request sent to a server that died mid-request (a proxy or load balancer still holding
+    the connection) waits for its read timeout; with botocore's 60 s a 2 s budget still
+    kept the process alive for a minute after the failure was reported.
+    """
+    return max(5.0, min(60.0, policy.seconds))
+
+
 @functools.cache
-def _checkpoint_filesystem(environment: str):
+def _checkpoint_filesystem(environment: str, timeout_s: float):
     del environment  # the cache key: AWS_* variables are read when the client is made
     return _retrying_filesystem_class()(
         skip_instance_cache=True,
         config_kwargs={
-            "connect_timeout": 5,
-            "read_timeout": 60,
+            "connect_timeout": min(5.0, timeout_s),
+            "read_timeout": timeout_s,
             "retries": {"total_max_attempts": 1},  # botocore's: one try, ours retries
         },
     )
@@ -208,7 +218,7 @@ def _aws_environment() -> str:
 def _etils_filesystem(name: str):
     """etils.epath's filesystem for a protocol: ours for s3, etils' own otherwise."""
     if name == "s3":
-        return _checkpoint_filesystem(_aws_environment())
+        return _checkpoint_filesystem(_aws_environment(), read_timeout(_policy))
     return _original["etils_filesystem"](name)
 
 

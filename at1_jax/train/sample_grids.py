@@ -71,7 +71,8 @@ class SampleGrids:
 
     def latents(self, state: dict) -> np.ndarray:
         """f32[N, C, H, W] x0 of the EMA weights for the grid's prompts and seeds."""
-        noise = start_noise(np.asarray(self.seeds, np.uint32), self.latent_shape)
+        # Host values like the text: every process passes the same replicated input.
+        noise = np.asarray(start_noise(np.asarray(self.seeds, np.uint32), self.latent_shape))
         return np.asarray(self._run(self.text, noise, state["ema"], state["buffers"]))
 
     def sheet(self, state: dict, step: int) -> list[np.ndarray]:
