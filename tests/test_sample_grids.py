@@ -31,9 +31,17 @@ def _grids(tmp_path, val_prompts, **log):
     return cfg, model, grids, grids.latents({"ema": params, "buffers": buffers})
 
 
-def test_defaults_are_sample_and_serve_defaults():
-    log, sampler = config.LogConfig(), SamplerConfig()
-    assert (log.sample_guidance, log.sample_seed) == (sampler.guidance, sampler.seed)
+def test_sheet_defaults_are_those_of_sample_evaluate_and_serve():
+    from at1_jax.evaluate import cli as evaluate_cli
+    from at1_jax.generate import cli as sample_cli
+    from at1_jax.serve.schema import DEFAULTS
+
+    log = config.LogConfig()
+    sample = sample_cli._parser().parse_args(["--checkpoint", "x"])
+    evaluate = evaluate_cli._parser().parse_args(["--checkpoint", "x"])
+    sheet = (log.sample_guidance, log.sample_seed)
+    assert sheet == (sample.guidance, sample.seed) == (DEFAULTS.guidance, DEFAULTS.seed)
+    assert sheet == (float(evaluate.guidance), evaluate.seed)
 
 
 def test_grid_is_sample_remade_with_the_labelled_seed(tmp_path):

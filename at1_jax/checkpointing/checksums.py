@@ -137,7 +137,6 @@ def _leaf_sums(leaf: jax.Array, on_device: bool | None) -> list:
     # numpy reads CPU arrays in place. Accelerators sum where the data is.
     if on_device is None:
         on_device = any(d.platform != "cpu" for d in sharding.device_set)
-    on_cpu = not on_device
     if on_device and isinstance(sharding, NamedSharding) and leaf.ndim:
         rows = _sharded_program(sharding.mesh, sharding.spec, leaf.shape, leaf.dtype)(leaf)
         return [s.data[0] for s in rows.addressable_shards]
@@ -146,7 +145,7 @@ def _leaf_sums(leaf: jax.Array, on_device: bool | None) -> list:
         if shard.replica_id:  # a replicated block counts once, wherever it lives
             continue
         starts = [(s.start or 0) for s in shard.index] + [0] * (len(dims) - leaf.ndim)
-        if on_cpu:
+        if not on_device:
             with np.errstate(over="ignore"):  # uint32 products wrap on purpose
                 words = _host_words(shard.data)
                 out.append(_sums(words, np.array(starts, np.uint32), strides, np))

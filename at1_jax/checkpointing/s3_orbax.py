@@ -188,12 +188,9 @@ def _retrying_filesystem_class():
 
 
 def read_timeout(policy: retries.RetryPolicy) -> float:
-    """Seconds one S3 request may wait for an answer: 60, or the retry budget if shorter.
-
-    A request sent to a server that died mid-request (a proxy or load balancer still holding
-    the connection) waits for its read timeout; with botocore's 60 s a 2 s budget still
-    kept the process alive for a minute after the failure was reported.
-    """
+    """Seconds one S3 request may wait for an answer: 60, or the retry budget if shorter."""
+    # A request to a server that died mid-request (a proxy still holding the connection)
+    # waits this long: with botocore's 60 s, a 2 s budget kept a process alive for a minute.
     return max(5.0, min(60.0, policy.seconds))
 
 

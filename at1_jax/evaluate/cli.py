@@ -67,10 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-samples", type=int, default=LogConfig.val_samples)
     p.add_argument("--val-bins", type=int, default=LogConfig.val_bins)
     p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--guidance", default="6", help="comma-separated values, one report row each")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument(
+        "--guidance",
+        default=f"{SamplerConfig.guidance:g}",
+        help="comma-separated values, one report row each",
+    )
+    p.add_argument("--steps", type=int, default=SamplerConfig.steps)
     p.add_argument("--sampler", default="dpmpp2m", choices=SAMPLERS)
-    p.add_argument("--seed", type=int, default=11, help="caption i uses seed + i (as sample)")
+    p.add_argument(
+        "--seed", type=int, default=SamplerConfig.seed, help="caption i uses seed + i (as sample)"
+    )
     p.add_argument("--metrics", default="fid,clip", help="fid, clip, or both")
     p.add_argument("--inception-weights", default=DEFAULT_INCEPTION)
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP hub id or folder")

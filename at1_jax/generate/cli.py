@@ -113,12 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line; blank and # lines are skipped")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=SamplerConfig.steps)
     p.add_argument(
-        "--guidance", type=float, default=6.0, help="0: unconditional, 1: no guidance, > 1: more"
+        "--guidance",
+        type=float,
+        default=SamplerConfig.guidance,
+        help="0: unconditional, 1: no guidance, > 1: more",
     )
     p.add_argument("--sampler", default="dpmpp2m", choices=SAMPLERS)
-    p.add_argument("--seed", type=int, default=11, help="image k of each prompt uses seed + k")
+    p.add_argument(
+        "--seed", type=int, default=SamplerConfig.seed, help="image k of each prompt uses seed + k"
+    )
     p.add_argument(
         "--num-images", "--num", dest="num", type=int, default=4, help="images per prompt"
     )

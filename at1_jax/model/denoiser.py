@@ -267,9 +267,9 @@ def softmax_attention(q_BTNH, k_BSNH, v_BSNH):
     """softmax(q·kᵀ/√H)·v with float32 scores and softmax; the result in q's dtype.
 
     jax.nn.dot_product_attention's "xla" formula with a hand-written VJP (~30% faster on
-    XLA:CPU, less memory): every product accumulates in float32 from operands in q's dtype
-    (so bf16 operands stay on XLA:CPU's bf16 dot path), the backward pass reuses the saved
-    probabilities and takes the softmax gradient's row term from rowsum(dO·O).
+    XLA:CPU, less memory): every product accumulates in float32 (`_einsum`: operands in q's
+    dtype, float32 on CPU), the backward pass reuses the saved probabilities and takes the
+    softmax gradient's row term from rowsum(dO·O).
     """
     return _attention_fwd(q_BTNH, k_BSNH, v_BSNH)[0]
 

@@ -46,7 +46,6 @@ class SampleGrids:
         # samples (no prompts) from consecutive seeds, so that they differ.
         base, n = cfg.log.sample_seed, len(self.text)
         self.seeds = [base] * n if self.prompts else [base + i for i in range(n)]
-        self.latent_shape = ds.latent_shape
 
         def denoise(x, sigma, text, params, buffers):
             return nnx.merge(graphdef, params, buffers)(x, sigma, text)
@@ -72,7 +71,7 @@ class SampleGrids:
     def latents(self, state: dict) -> np.ndarray:
         """f32[N, C, H, W] x0 of the EMA weights for the grid's prompts and seeds."""
         # Host values like the text: every process passes the same replicated input.
-        noise = np.asarray(start_noise(np.asarray(self.seeds, np.uint32), self.latent_shape))
+        noise = np.asarray(start_noise(np.asarray(self.seeds, np.uint32), self.ds.latent_shape))
         return np.asarray(self._run(self.text, noise, state["ema"], state["buffers"]))
 
     def sheet(self, state: dict, step: int) -> list[np.ndarray]:

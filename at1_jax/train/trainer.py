@@ -347,14 +347,14 @@ class _NoBackgroundTracebacks(logging.Filter):
         return True
 
 
-_QUIET_ABSL = _NoBackgroundTracebacks()
+_NO_TRACEBACKS = _NoBackgroundTracebacks()
 
 
 def quiet_library_tracebacks() -> None:
     """Orbax's and asyncio's loggers keep their messages but drop tracebacks."""
     # asyncio too: a failed async save can leave tasks that asyncio.run() logs at shutdown.
     for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_QUIET_ABSL)
+        logging.getLogger(name).addFilter(_NO_TRACEBACKS)
 
 
 def main(argv=None) -> int:
