@@ -165,9 +165,9 @@ def test_xla_attention_matches_a_plain_softmax_reference():
     from at1_jax.model.denoiser import _attend
 
     k = jax.random.split(jax.random.key(0), 3)
-    q, kk, v = (jax.random.normal(ki, (2, 16, 4, 64)) for ki in k)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, kk) / 8.0
-    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
+    q, kk, v = (jax.random.normal(ki, (2, 4, 16, 64)) for ki in k)  # heads first: (B, N, T, H)
+    logits = jnp.einsum("bnth,bnsh->bnts", q, kk) / 8.0
+    ref = jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(logits, -1), v)
     np.testing.assert_allclose(_attend(q, kk, v, "xla"), ref, atol=1e-5)
 
 
@@ -242,7 +242,9 @@ def test_softmax_attention_equals_jax_dot_product_attention(seq):
         out, vjp = jax.vjp(f, q, kk, v)
         return (out, *vjp(do))
 
-    got = run(softmax_attention)
+    # softmax_attention takes heads first, (B, N, T, H); dot_product_attention (B, T, N, H).
+    heads_first = lambda *a: softmax_attention(*(t.swapaxes(1, 2) for t in a)).swapaxes(1, 2)  # noqa: E731
+    got = run(heads_first)
     want = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
     for a, b in zip(got, want, strict=True):
         # fp32 both, same formula; the row term from rowsum(dO·O) instead of rowsum(P·dP).

@@ -217,36 +217,38 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def _split_heads(x_BTE, n_heads: int, strided: bool):
-    """(B, T, E) → (B, T, N, H); strided: channel c goes to head c mod N (legacy layout)."""
+def _heads_first(x_BTE, n_heads: int, strided: bool):
+    """(B, T, E) → (B, N, T, H); strided: channel c goes to head c mod N (legacy layout)."""
     B, T, E = x_BTE.shape
     if strided:
-        return x_BTE.reshape(B, T, E // n_heads, n_heads).swapaxes(2, 3)
-    return x_BTE.reshape(B, T, n_heads, E // n_heads)
+        return x_BTE.reshape(B, T, E // n_heads, n_heads).transpose(0, 3, 1, 2)
+    return x_BTE.reshape(B, T, n_heads, E // n_heads).transpose(0, 2, 1, 3)
 
 
-def _merge_heads(x_BTNH, strided: bool):
-    B, T, N, H = x_BTNH.shape
-    if strided:
-        x_BTNH = x_BTNH.swapaxes(2, 3)
-    return x_BTNH.reshape(B, T, N * H)
+def _merge_heads(x_BNTH, strided: bool):
+    """Inverse of `_heads_first`: (B, N, T, H) → (B, T, E)."""
+    B, N, T, H = x_BNTH.shape
+    order = (0, 2, 3, 1) if strided else (0, 2, 1, 3)
+    return x_BNTH.transpose(order).reshape(B, T, N * H)
 
 
-def attention_impl(impl: str, q_BTNH) -> str:
+def attention_impl(impl: str, q_BNTH) -> str:
     """The kernel `impl` means for these queries: "auto" picks cuDNN where it applies."""
     if impl != "auto":
         return impl
-    half = q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    half = q_BNTH.dtype in (jnp.bfloat16, jnp.float16)
     # cuDNN's fused kernel takes head sizes that are multiples of 8 up to 128 (256 on Hopper).
-    size_ok = q_BTNH.shape[-1] % 8 == 0 and q_BTNH.shape[-1] <= 128
+    size_ok = q_BNTH.shape[-1] % 8 == 0 and q_BNTH.shape[-1] <= 128
     return "cudnn" if jax.default_backend() == "gpu" and half and size_ok else "xla"
 
 
-def _attend(q_BTNH, k_BSNH, v_BSNH, impl: str):
-    impl = attention_impl(impl, q_BTNH)
+def _attend(q_BNTH, k_BNSH, v_BNSH, impl: str):
+    impl = attention_impl(impl, q_BNTH)
     if impl == "xla":
-        return softmax_attention(q_BTNH, k_BSNH, v_BSNH)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation=impl)
+        return softmax_attention(q_BNTH, k_BNSH, v_BNSH)
+    # jax.nn.dot_product_attention takes (B, T, N, H).
+    q, k, v = (t.swapaxes(1, 2) for t in (q_BNTH, k_BNSH, v_BNSH))
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl).swapaxes(1, 2)
 
 
 def _einsum(spec, a, b):
@@ -254,8 +256,8 @@ def _einsum(spec, a, b):
 
     XLA:CPU sends a bf16 batched dot whose layout its YNNPACK path rejects to a kernel that
     has no bf16 (the step fails with "Unsupported element type for DotThunk"); attention's
-    layouts depend on the head layout and the surrounding graph, so they go as float32 (the
-    attention products are ~10% of the step's FLOPs and ran ~10% slower in float32).
+    layouts depend on the surrounding graph, so they go as float32 (the attention products
+    are ~10% of the step's FLOPs).
     """
     if jax.default_backend() == "cpu":
         a, b = a.astype(F32), b.astype(F32)
@@ -263,36 +265,36 @@ def _einsum(spec, a, b):
 
 
 @jax.custom_vjp
-def softmax_attention(q_BTNH, k_BSNH, v_BSNH):
+def softmax_attention(q_BNTH, k_BNSH, v_BNSH):
     """softmax(q·kᵀ/√H)·v with float32 scores and softmax; the result in q's dtype.
 
     jax.nn.dot_product_attention's "xla" formula with a hand-written VJP (~30% faster on
-    XLA:CPU, less memory): every product accumulates in float32 (`_einsum`: operands in q's
-    dtype, float32 on CPU), the backward pass reuses the saved probabilities and takes the
-    softmax gradient's row term from rowsum(dO·O).
+    XLA:CPU, less memory), heads first so that every product is a plain batched matmul
+    (with heads after the tokens XLA:CPU ran some of them at a tenth of the matmul speed).
+    Every product accumulates in float32 (`_einsum`); the backward pass reuses the saved
+    probabilities and takes the softmax gradient's row term from rowsum(dO·O).
     """
-    return _attention_fwd(q_BTNH, k_BSNH, v_BSNH)[0]
+    return _attention_fwd(q_BNTH, k_BNSH, v_BNSH)[0]
 
 
-def _attention_fwd(q_BTNH, k_BSNH, v_BSNH):
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    s_BNTS = _einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) * scale
-    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNH.dtype)
-    o_BTNH = _einsum("bnts,bsnh->btnh", p_BNTS, v_BSNH)
-    o_BTNH = o_BTNH.astype(q_BTNH.dtype)
-    return o_BTNH, (q_BTNH, k_BSNH, v_BSNH, p_BNTS, o_BTNH)
+def _attention_fwd(q_BNTH, k_BNSH, v_BNSH):
+    scale = 1.0 / math.sqrt(q_BNTH.shape[-1])
+    s_BNTS = _einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH) * scale
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BNTH.dtype)
+    o_BNTH = _einsum("bnts,bnsh->bnth", p_BNTS, v_BNSH).astype(q_BNTH.dtype)
+    return o_BNTH, (q_BNTH, k_BNSH, v_BNSH, p_BNTS, o_BNTH)
 
 
-def _attention_bwd(res, do_BTNH):
-    q, k, v, p_BNTS, o_BTNH = res
+def _attention_bwd(res, do_BNTH):
+    q, k, v, p_BNTS, o_BNTH = res
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = _einsum("bnts,btnh->bsnh", p_BNTS, do_BTNH)
-    dp_BNTS = _einsum("btnh,bsnh->bnts", do_BTNH, v)
-    # Σ_s p·dp over the keys equals Σ_h dO·O over the head: a (B,T,N) pass, not a (B,N,T,S).
-    row_BNT = jnp.einsum("btnh,btnh->bnt", do_BTNH.astype(F32), o_BTNH.astype(F32))
+    dv = _einsum("bnts,bnth->bnsh", p_BNTS, do_BNTH)
+    dp_BNTS = _einsum("bnth,bnsh->bnts", do_BNTH, v)
+    # Σ_s p·dp over the keys equals Σ_h dO·O over the head: a (B,N,T) pass, not a (B,N,T,S).
+    row_BNT = jnp.sum(do_BNTH.astype(F32) * o_BNTH.astype(F32), axis=-1)
     ds_BNTS = (p_BNTS.astype(F32) * (dp_BNTS - row_BNT[..., None]) * scale).astype(q.dtype)
-    dq = _einsum("bnts,bsnh->btnh", ds_BNTS, k)
-    dk = _einsum("bnts,btnh->bsnh", ds_BNTS, q)
+    dq = _einsum("bnts,bnsh->bnth", ds_BNTS, k)
+    dk = _einsum("bnts,bnth->bnsh", ds_BNTS, q)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -310,7 +312,7 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, h_BTE):
         q, k, v = jnp.split(self.qkv_linear(h_BTE), 3, axis=-1)
-        q, k, v = (_split_heads(t, self.heads, self.strided) for t in (q, k, v))
+        q, k, v = (_heads_first(t, self.heads, self.strided) for t in (q, k, v))
         return _merge_heads(_attend(q, k, v, self.impl), self.strided)
 
 
@@ -326,9 +328,9 @@ class CrossAttention(nnx.Module):
         self.impl = "xla"
 
     def __call__(self, h_BTE, ctx_BSE):
-        q = _split_heads(self.q_linear(h_BTE), self.heads, self.strided)
+        q = _heads_first(self.q_linear(h_BTE), self.heads, self.strided)
         k, v = jnp.split(self.kv_linear(ctx_BSE), 2, axis=-1)
-        k, v = (_split_heads(t, self.heads, self.strided) for t in (k, v))
+        k, v = (_heads_first(t, self.heads, self.strided) for t in (k, v))
         return _merge_heads(_attend(q, k, v, self.impl), self.strided)
 
 
