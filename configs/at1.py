@@ -1,4 +1,4 @@
-"""The AT-1 run: the 23M `legacy` denoiser, Beta(0.75, 0.75) noise, EMA 0.999, bf16 on GPUs.
+"""The AT-1 run: the 23M `legacy` denoiser, Beta(0.75, 0.75) noise, EMA 0.999, bf16 where fast.
 
 AT-1 ran global batches of 960–6,656 over 15–26 A100s; this starts at 960 with FSDP over
 all devices of a process group. Point data.path and checkpoint.dir at S3 for clusters.
@@ -23,7 +23,7 @@ def get_config() -> TrainConfig:
         name="at1",
         run_dir="runs/at1",
         steps=200_000,
-        model=dataclasses.replace(PRESETS["at1"], dtype="bfloat16"),
+        model=dataclasses.replace(PRESETS["at1"], dtype="auto"),
         objective=AT1_OBJECTIVE,
         data=DataConfig(path="s3://at1-data/latents", batch_size=960, shuffle_shards=8),
         optim=OptimConfig(lr=3e-4, warmup_steps=1000, ema_decay=0.999),

@@ -4,6 +4,8 @@ Latent and text sizes come from the data set's manifest. One device works as it 
 sharded run on one machine, fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=4.
 """
 
+import dataclasses
+
 from at1_jax.model.objective import ObjectiveConfig
 from at1_jax.model.presets import PRESETS
 from at1_jax.train.config import (
@@ -21,7 +23,8 @@ def get_config() -> TrainConfig:
         name="cpu",
         run_dir="runs/cpu",
         steps=500,
-        model=PRESETS["tld-tiny"],
+        # "auto": bfloat16 compute on CPUs with bfloat16 dot products (~1.7× the float32 step).
+        model=dataclasses.replace(PRESETS["tld-tiny"], dtype="auto"),
         objective=ObjectiveConfig(beta_a=1.0, beta_b=2.5, cfg_drop=0.15),
         data=DataConfig(path="data/cpu", batch_size=32, shuffle_shards=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=50, clip_norm=1.0, ema_decay=0.99),

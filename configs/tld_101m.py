@@ -19,7 +19,7 @@ def get_config() -> TrainConfig:
         name="tld-101m",
         run_dir="runs/tld-101m",
         steps=260_000,
-        model=dataclasses.replace(PRESETS["tld-101m"], dtype="bfloat16"),
+        model=dataclasses.replace(PRESETS["tld-101m"], dtype="auto"),
         objective=TLD_OBJECTIVE,
         data=DataConfig(path="data/latents", batch_size=256, shuffle_shards=8),
         optim=OptimConfig(lr=3e-4, warmup_steps=1000, ema_decay=0.999),

@@ -17,6 +17,7 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
     pytest.importorskip("torch")
     out_json = tmp_path / "r.json"
     args = ["--presets", "tld-tiny", "--batch", "4", "--rounds", "1", "--round-s", "0.01"]
+    args += ["--jax-malloc", "glibc.malloc.hugetlb=1"]
     run = subprocess.run(
         [sys.executable, str(TOOL), *args, "--json", str(out_json)],
         capture_output=True,
@@ -27,8 +28,12 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     text = run.stdout
     assert "preset=tld-tiny batch=4 rounds=1" in text
-    assert "at1_jax: jax " in text and "compute float32" in text  # the CPU default
-    assert "torch: torch " in text and "fp32 eager" in text
+    from at1_jax.model.hardware import auto_dtype_reason
+
+    dtype, why = auto_dtype_reason()  # the shipped configs' default, "auto"
+    assert "at1_jax: jax " in text and f"compute {dtype} (auto: {why})" in text
+    assert "malloc: glibc.malloc.hugetlb=1" in text
+    assert "torch: torch " in text and "fp32 eager, malloc: glibc defaults" in text
     rows = {
         m["side"]: m
         for m in re.finditer(

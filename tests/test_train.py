@@ -455,6 +455,11 @@ def test_cpu_quick_start_runs_verbatim_on_one_device(tmp_path, dataset):
     assert "latent_size=8 (config: 16), text_dim=32 (config: 768)" in out
     model = json.loads((run / "config.json").read_text())["model"]
     assert (model["latent_channels"], model["latent_size"], model["text_dim"]) == (4, 8, 32)
+    # configs/cpu.py computes in dtype "auto": the run records what that meant here.
+    from at1_jax.model.hardware import auto_dtype_reason
+
+    dtype, why = auto_dtype_reason()
+    assert model["dtype"] == dtype and f"model.dtype auto: {dtype} ({why})" in out
     assert (run / "weights" / "params.safetensors").exists()
 
 

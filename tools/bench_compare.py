@@ -89,6 +89,7 @@ def jax_worker(spec: dict) -> None:
 
     from at1_jax.bench.benchmarks import check_train_setup
     from at1_jax.model.denoiser import DenoiserConfig
+    from at1_jax.model.hardware import auto_dtype_reason
     from at1_jax.model.objective import ObjectiveConfig
     from at1_jax.train import sharding
     from at1_jax.train import step as train_step
@@ -96,9 +97,10 @@ def jax_worker(spec: dict) -> None:
 
     t0 = time.perf_counter()
     model = DenoiserConfig(**spec["model"])
+    dtype, why = auto_dtype_reason() if spec["dtype"] == "auto" else (spec["dtype"], "")
     cfg = TrainConfig(
         steps=1000,
-        model=dataclasses.replace(model, dtype=spec["dtype"], depthwise=spec["depthwise"]),
+        model=dataclasses.replace(model, dtype=dtype, depthwise=spec["depthwise"]),
         objective=ObjectiveConfig(**spec["objective"]),
         data=DataConfig(path="synthetic", batch_size=spec["batch"]),
         optim=OptimConfig(**spec["optim"]),
@@ -131,7 +133,7 @@ def jax_worker(spec: dict) -> None:
             "step_s": (time.perf_counter() - first) / CALIBRATION_STEPS,
             "what": f"jax {jax.__version__}, {jax.device_count()} CPU device(s), "
             f"mesh data:{mesh.shape['data']} fsdp:{mesh.shape['fsdp']}, "
-            f"compute {spec['dtype']}, depthwise {spec['depthwise']}"
+            f"compute {dtype}{f' (auto: {why})' if why else ''}, depthwise {spec['depthwise']}"
             + "".join(f", {k}={v}" for k, v in spec["xla_options"].items()),
         }
     )
@@ -206,8 +208,12 @@ def torch_worker(spec: dict) -> None:
 class Worker:
     """One side's process; talks the line protocol of `_serve`."""
 
-    def __init__(self, side: str, spec: dict, devices: int):
+    def __init__(self, side: str, spec: dict, devices: int, malloc: str):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_pythonpath())
+        env.pop("GLIBC_TUNABLES", None)
+        if malloc:
+            env["GLIBC_TUNABLES"] = malloc
+        self.malloc = malloc or "glibc defaults"
         flags = [
             f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
         ]
@@ -267,7 +273,9 @@ def _spec(preset: str, args) -> dict:
 def compare(preset: str, args) -> dict:
     """Alternating rounds of both sides; returns per-side img/s per round, RSS and the ratio."""
     spec = _spec(preset, args)
-    workers = {s: Worker(s, spec, args.devices) for s in SIDES}  # built one after the other
+    malloc = {"at1_jax": args.jax_malloc, "torch": args.torch_malloc}
+    # Built one after the other.
+    workers = {s: Worker(s, spec, args.devices, malloc[s]) for s in SIDES}
     steps = {s: max(1, round(args.round_s / w.info["step_s"])) for s, w in workers.items()}
     rates: dict[str, list[float]] = {s: [] for s in SIDES}
     losses: dict[str, float] = {}
@@ -281,7 +289,7 @@ def compare(preset: str, args) -> dict:
     return {
         "preset": preset,
         "batch": args.batch,
-        "what": {s: w.info["what"] for s, w in workers.items()},
+        "what": {s: f"{w.info['what']}, malloc: {w.malloc}" for s, w in workers.items()},
         "setup_s": {s: w.info["setup_s"] for s, w in workers.items()},
         "steps_per_round": steps,
         "img_per_s": rates,
@@ -325,9 +333,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="global batch, both sides")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, alternating")
     p.add_argument("--round-s", type=float, default=15.0, help="about this long per round")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="JAX compute dtype (parameters, loss, optimiser stay fp32); float32 "
-                        "is the presets' and configs/cpu.py's default")  # fmt: skip
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="JAX compute dtype (parameters, loss, optimiser stay fp32); auto, the "
+                        "shipped configs' choice, is bfloat16 on CPUs with bfloat16 dot "
+                        "products (AVX512_BF16, AMX), else float32")  # fmt: skip
+    p.add_argument("--jax-malloc", default=os.environ.get("GLIBC_TUNABLES", ""),
+                   help="GLIBC_TUNABLES of the JAX worker (default: this environment's, which "
+                        "the Makefile sets)")  # fmt: skip
+    p.add_argument("--torch-malloc", default="",
+                   help="GLIBC_TUNABLES of the PyTorch worker (default: none, glibc's malloc "
+                        "as the reference runs; hugetlb made its step slower here)")  # fmt: skip
     p.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     p.add_argument("--devices", type=int, default=1, help="fake CPU devices for the JAX side")
     p.add_argument("--fsdp", type=int, default=1, help="fsdp mesh axis (data takes the rest)")

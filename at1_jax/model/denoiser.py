@@ -13,11 +13,12 @@ from flax import nnx
 from jax import lax
 
 from at1_jax.model.depthwise import depthwise_conv3x3_gelu
+from at1_jax.model.hardware import resolve_dtype
 
 BLOCKS = ("prenorm", "legacy")
 ATTENTION = ("auto", "xla", "cudnn")
 DEPTHWISE = ("auto", "conv", "shift")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
 F32 = jnp.float32
 # Fields that change how the model computes, not which weights it has.
@@ -41,7 +42,9 @@ class DenoiserConfig:
     head_dim: int = 64
     block: str = "legacy"
     dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype; parameters are always float32.
+    # Compute dtype; parameters are always float32. "auto": bfloat16 where the hardware has
+    # fast bfloat16 dot products (GPU, TPU, CPUs with AVX512_BF16/AMX), else float32.
+    dtype: str = "float32"
     remat: bool = False
     attention: str = "auto"
     depthwise: str = "auto"
@@ -119,7 +122,11 @@ class DenoiserConfig:
 
     @property
     def compute_dtype(self):
-        return jnp.dtype(self.dtype)
+        return jnp.dtype(resolve_dtype(self.dtype))
+
+    def resolved(self) -> DenoiserConfig:
+        """This config with dtype "auto" replaced by what it means on this machine."""
+        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype))
 
 
 class Buffer(nnx.Variable):

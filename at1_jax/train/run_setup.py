@@ -11,9 +11,10 @@ from flax import nnx
 
 from at1_jax.checkpointing import model_card
 from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
-from at1_jax.model.denoiser import NUMERICS, Denoiser, count_params
+from at1_jax.model.denoiser import DTYPES, NUMERICS, Denoiser, count_params
+from at1_jax.model.hardware import auto_dtype_reason
 from at1_jax.model.presets import PRESETS
-from at1_jax.train import config, data, validation
+from at1_jax.train import config, data, distributed, validation
 from at1_jax.train.reporting import say
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,23 @@ def fit_to_dataset(
     return dataclasses.replace(cfg, model=model)
 
 
+def resolve_numerics(cfg: config.TrainConfig) -> config.TrainConfig:
+    """The config with model.dtype "auto" replaced by what it means here, the same everywhere."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    dtype, why = auto_dtype_reason()
+    # One SPMD program for all processes: hosts that resolve differently must not mix dtypes.
+    codes = {row[0] for row in distributed.allgather_rows([DTYPES.index(dtype)])}
+    if len(codes) > 1:
+        raise config.ConfigError(
+            "config.model.dtype='auto' means "
+            f"{' on some hosts and '.join(DTYPES[c] for c in sorted(codes))} on others (their "
+            "hardware differs): pass --config.model.dtype=float32 or bfloat16"
+        )
+    log.info("model.dtype auto: %s (%s)", dtype, why)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+
+
 def check_fit(cfg: config.TrainConfig) -> None:
     """The batch splits over the processes; raised before anything is compiled."""
     if cfg.data.batch_size % jax.process_count():
@@ -164,7 +182,7 @@ def parent_of(cfg: config.TrainConfig) -> dict | None:
 def dry_run_report(cfg: config.TrainConfig, pinned: frozenset[str]) -> int:
     """Prints the config as it would train (sizes fitted to the data set) and the data set."""
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
-    cfg = fit_to_dataset(cfg, ds, pinned)
+    cfg = resolve_numerics(fit_to_dataset(cfg, ds, pinned))
     check_fit(cfg)
     licenses = data.check_licenses(ds, config.allowed_licenses(cfg.data.licenses))
     m = ds.manifest

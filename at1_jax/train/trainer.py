@@ -40,6 +40,7 @@ from at1_jax.train.run_setup import (
     param_count,
     parent_of,
     parse_args,
+    resolve_numerics,
     validation_set,
 )
 from at1_jax.train.sample_grids import SampleGrids, write_grid
@@ -91,7 +92,7 @@ def _train(cfg, pinned, stop, closers) -> int:
     config.validate(cfg)
     reporting.check_backends(cfg)
     ds = data.open_dataset(cfg.data.path, cfg.data.text_array, cfg.data.latent_scale)
-    cfg = fit_to_dataset(cfg, ds, pinned)
+    cfg = resolve_numerics(fit_to_dataset(cfg, ds, pinned))
     check_fit(cfg)
     licenses = data.check_licenses(ds, config.allowed_licenses(cfg.data.licenses))
     vset = validation_set(cfg, ds)

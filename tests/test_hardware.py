@@ -1,0 +1,43 @@
+"""model.dtype="auto": bfloat16 only where the hardware has fast bfloat16 dot products."""
+
+import jax
+import pytest
+
+from at1_jax.model import hardware
+from at1_jax.model.denoiser import DenoiserConfig
+
+
+@pytest.mark.parametrize(
+    "machine,flags,want",
+    [
+        ("x86_64", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+        ("x86_64", {"avx2", "amx_bf16", "amx_tile"}, "bfloat16"),
+        ("x86_64", {"avx2", "avx512f"}, "float32"),  # bf16 there is converted to float32
+        ("aarch64", {"bf16"}, "float32"),
+    ],
+)
+def test_auto_on_cpu_follows_the_bf16_dot_product_flags(machine, flags, want, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert hardware.resolve_dtype("auto") == want
+    assert DenoiserConfig(dtype="auto").compute_dtype == want
+    assert DenoiserConfig(dtype="auto").resolved().dtype == want
+    assert hardware.resolve_dtype("float32") == "float32"  # an explicit dtype stays
+
+
+@pytest.mark.parametrize("cc,want", [("9.0", "bfloat16"), ("8.0", "bfloat16"), ("7.0", "float32")])
+def test_auto_on_gpu_needs_compute_capability_8(cc, want, monkeypatch):
+    class Gpu:
+        compute_capability = cc
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [Gpu()])
+    dtype, why = hardware.auto_dtype_reason()
+    assert dtype == want and cc in why
+
+
+def test_cpu_flags_reads_this_machines_cpuinfo():
+    flags = hardware.cpu_flags()
+    # Every x86-64 Linux CPU reports sse2; other machines may report nothing.
+    assert "sse2" in flags or not flags
