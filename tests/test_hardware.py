@@ -41,3 +41,19 @@ def test_cpu_flags_reads_this_machines_cpuinfo():
     flags = hardware.cpu_flags()
     # Every x86-64 Linux CPU reports sse2; other machines may report nothing.
     assert "sse2" in flags or not flags
+
+
+def test_training_refuses_auto_when_hosts_would_differ(monkeypatch):
+    from at1_jax.train import config, distributed, run_setup
+
+    cfg = config.TrainConfig(model=DenoiserConfig(dtype="auto"))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert run_setup.resolve_numerics(cfg).model.dtype == "bfloat16"
+    # Process 1 of two has no bf16 dot products: one program cannot mix the two dtypes.
+    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row, [1]])
+    with pytest.raises(config.ConfigError, match="means float32 on some hosts, bfloat16 on others"):
+        run_setup.resolve_numerics(cfg)
+    explicit = config.TrainConfig(model=DenoiserConfig(dtype="float32"))
+    assert run_setup.resolve_numerics(explicit) is explicit

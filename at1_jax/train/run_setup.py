@@ -120,10 +120,10 @@ def resolve_numerics(cfg: config.TrainConfig) -> config.TrainConfig:
     # One SPMD program for all processes: hosts that resolve differently must not mix dtypes.
     codes = {row[0] for row in distributed.allgather_rows([DTYPES.index(dtype)])}
     if len(codes) > 1:
+        found = " on some hosts, ".join(DTYPES[c] for c in sorted(codes))
         raise config.ConfigError(
-            "config.model.dtype='auto' means "
-            f"{' on some hosts and '.join(DTYPES[c] for c in sorted(codes))} on others (their "
-            "hardware differs): pass --config.model.dtype=float32 or bfloat16"
+            f"config.model.dtype='auto' means {found} on others (their hardware differs): "
+            "pass --config.model.dtype=float32 or bfloat16"
         )
     log.info("model.dtype auto: %s (%s)", dtype, why)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
