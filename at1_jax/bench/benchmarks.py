@@ -2,6 +2,8 @@
 
 python -m at1_jax.bench model --presets tld-tiny,at1 --batch 32
 python -m at1_jax.bench sample --presets at1 --batch 16 --steps 15
+python launch/local.py --processes 2 --devices-per-process 2 -- \
+    python -m at1_jax.bench train --preset at1 --batch 32 --data 2 --fsdp 2
 """
 
 from __future__ import annotations
@@ -196,12 +198,27 @@ def check_train_setup(cfg) -> None:
             f"--batch {cfg.data.batch_size} must be a multiple of the data-parallel size {dp} "
             f"× --grad-accum {cfg.optim.grad_accum}"
         )
+    if cfg.data.batch_size % jax.process_count():
+        raise config.ConfigError(
+            f"--batch {cfg.data.batch_size} must be a multiple of the {jax.process_count()} "
+            "processes (each feeds an equal share)"
+        )
 
 
 def _main_train(args) -> int:
-    from at1_jax.train.config import ConfigError, DataConfig, MeshConfig, OptimConfig, TrainConfig
+    from at1_jax.train import distributed
+    from at1_jax.train.config import (
+        ConfigError,
+        DataConfig,
+        DistributedConfig,
+        MeshConfig,
+        OptimConfig,
+        TrainConfig,
+    )
 
     try:
+        # Joins the processes that launch/local.py (or a scheduler) started; a no-op alone.
+        distributed.initialize(DistributedConfig())
         model = dataclasses.replace(
             get_preset(args.preset), dtype=args.dtype, remat=args.remat, depthwise=args.depthwise
         )
@@ -217,8 +234,13 @@ def _main_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     r = bench_train(cfg, args.steps)
+    if jax.process_index() != 0:  # one report per run: the step is collective, so is its time
+        return 0
     dev = jax.devices()[0]
-    print(f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()}")
+    print(
+        f"backend={jax.default_backend()} device={dev.device_kind} x{jax.device_count()} "
+        f"processes={jax.process_count()} devices={jax.device_count()}"
+    )
     print(
         f"preset={args.preset} batch={args.batch} dtype={args.dtype} remat={args.remat} "
         f"mesh=data:{args.data},fsdp:{args.fsdp},tensor:{args.tensor} accum={args.grad_accum}"
@@ -246,8 +268,11 @@ def main(argv=None) -> int:
         formatter_class=DefaultsHelpFormatter,
         help="forward+backward throughput and FLOPs per preset",
     )
-    default = "tld-tiny,at1" if jax.default_backend() == "cpu" else ",".join(PRESETS)
-    m.add_argument("--presets", default=default, help=f"comma-separated (default {default})")
+    # Resolved after parsing: asking for the backend here would start JAX before `train`
+    # can join the other processes (jax.distributed must come first).
+    m.add_argument(
+        "--presets", help="comma-separated (default: tld-tiny,at1 on CPU, every preset elsewhere)"
+    )
     m.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     m.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -288,6 +313,8 @@ def main(argv=None) -> int:
     if args.what == "train":
         return _main_train(args)
 
+    if args.presets is None:
+        args.presets = "tld-tiny,at1" if jax.default_backend() == "cpu" else ",".join(PRESETS)
     device = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={device.device_kind} x{jax.device_count()}")
     print(f"batch={args.batch} dtype={args.dtype} depthwise={args.depthwise} remat={args.remat}")
