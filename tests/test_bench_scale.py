@@ -38,7 +38,7 @@ def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
     args = ["--preset", "tld-tiny", "--batch", "8", "--steps", "2", "--rounds", "1"]
     code, out, err = run([sys.executable, str(TOOL), *args], timeout=540)
     assert code == 0, (out + err)[-3000:]
-    assert "preset=tld-tiny batch=8 dtype=float32 steps=2 rounds=1 mesh=data:2,fsdp:2" in out
+    assert "preset=tld-tiny batch=8 dtype=auto steps=2 rounds=1 mesh=data:2,fsdp:2" in out
     rows = {
         m["name"]: m
         for m in re.finditer(

@@ -19,8 +19,12 @@ from flax import nnx
 from at1_io.help_format import DefaultsHelpFormatter
 from at1_jax.model.denoiser import Denoiser, DenoiserConfig
 from at1_jax.model.flops import analytic_train_flops, compiled_flops, peak_flops
+from at1_jax.model.hardware import resolve_dtype
 from at1_jax.model.objective import x0_loss
 from at1_jax.model.presets import PRESETS, get_preset
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_HELP = "compute dtype; auto: bfloat16 where the hardware has fast bfloat16 dot products"
 
 
 def _batch(cfg: DenoiserConfig, batch: int):
@@ -242,7 +246,8 @@ def _main_train(args) -> int:
         f"processes={jax.process_count()} devices={jax.device_count()}"
     )
     print(
-        f"preset={args.preset} batch={args.batch} dtype={args.dtype} remat={args.remat} "
+        f"preset={args.preset} batch={args.batch} dtype={resolve_dtype(args.dtype)} "
+        f"remat={args.remat} "
         f"mesh=data:{args.data},fsdp:{args.fsdp},tensor:{args.tensor} accum={args.grad_accum}"
     )
     print(
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     )
     m.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     m.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
-    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     m.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     m.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     m.add_argument("--remat", action="store_true")
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
     s.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16)
     s.add_argument("--steps", type=int, default=15)
     s.add_argument("--guidance", type=float, default=6.0)
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     t = sub.add_parser(
         "train",
         formatter_class=DefaultsHelpFormatter,
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
     t.add_argument("--fsdp", type=int, default=1)
     t.add_argument("--tensor", type=int, default=1)
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    t.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     t.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     t.add_argument("--remat", action="store_true")
     args = parser.parse_args(argv)
@@ -317,7 +322,8 @@ def main(argv=None) -> int:
         args.presets = "tld-tiny,at1" if jax.default_backend() == "cpu" else ",".join(PRESETS)
     device = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={device.device_kind} x{jax.device_count()}")
-    print(f"batch={args.batch} dtype={args.dtype} depthwise={args.depthwise} remat={args.remat}")
+    dtype = resolve_dtype(args.dtype)
+    print(f"batch={args.batch} dtype={dtype} depthwise={args.depthwise} remat={args.remat}")
     header = f"{'preset':10} {'img/s':>8} {'step s':>8} {'TFLOP/s':>8} {'GFLOP/img':>10} "
     print(header + f"{'analytic':>9} {'compile s':>9}")
     for name in args.presets.split(","):
