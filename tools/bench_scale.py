@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32,
                    help="global batch, both configurations")  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype; auto: bfloat16 where the CPU has bf16 dot products")  # fmt: skip
+                   help="compute dtype; auto: bf16 where the CPU has bf16 dot product")  # fmt: skip
     p.add_argument("--steps", type=int, default=5, help="timed steps per run, after a warm-up")
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per run")
