@@ -308,7 +308,7 @@ def test_bf16_training_loss_stays_within_1pct_of_float32(block):
             model=model,
             data=DataConfig(path="unused", batch_size=16),
             optim=OptimConfig(lr=3e-3, warmup_steps=0, clip_norm=1.0, ema_decay=0.9),
-            mesh=MeshConfig(data=2, fsdp=2),
+            mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib=0),
             objective=ObjectiveConfig(cfg_drop=0.0),
         )
         mesh = sharding.make_mesh(2, 2, devices=jax.devices()[:4])

@@ -31,6 +31,26 @@ def test_rules_map_each_mesh_axis_once_and_skip_indivisible_dims():
     assert sharding.spec_for(("embed", None), (5, 8), mesh, sharding.DEFAULT_RULES) == P(None, None)
 
 
+def test_weights_of_at_most_min_fsdp_mib_stay_whole_on_every_fsdp_device():
+    from flax import nnx
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    axes = {"logical_axes": ("embed", "mlp")}
+    state = {
+        "exactly_1_mib": nnx.Param(jax.ShapeDtypeStruct((512, 512), "float32"), **axes),
+        "over_1_mib": nnx.Param(jax.ShapeDtypeStruct((514, 512), "float32"), **axes),
+    }
+    specs = jax.tree.map(
+        lambda v: v.get_value().spec,
+        sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES, min_fsdp_mib=1.0),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    # The small one keeps its tensor split (compute, not memory); only fsdp is dropped.
+    assert specs == {"exactly_1_mib": P(None, "tensor"), "over_1_mib": P("fsdp", "tensor")}
+    at_zero = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES, min_fsdp_mib=0.0)
+    assert at_zero["exactly_1_mib"].get_value().spec == P("fsdp", "tensor")
+
+
 def test_batch_sharding_and_data_parallel_size():
     mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
@@ -59,14 +79,17 @@ REMAT = "Involuntary full rematerialization"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_demo_step_compiles_without_involuntary_rematerialization(dtype, capfd):
+@pytest.mark.parametrize("min_fsdp_mib", [None, 0.0])  # the demo's default; every weight split
+def test_demo_step_compiles_without_involuntary_rematerialization(dtype, min_fsdp_mib, capfd):
     """XLA logs the SPMD partitioner's warning from C++ to stderr: captured at the fd."""
     import dataclasses
 
     from at1_demo.config import get_config
 
     cfg = get_config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    mesh = cfg.mesh if min_fsdp_mib is None else dataclasses.replace(cfg.mesh, min_fsdp_mib=0.0)
+    model = dataclasses.replace(cfg.model, dtype=dtype)
+    cfg = dataclasses.replace(cfg, model=model, mesh=mesh)
     assert (cfg.mesh.data, cfg.mesh.fsdp) == (2, 2)
     _compile_train_step(cfg)
     assert REMAT not in capfd.readouterr().err
@@ -80,7 +103,8 @@ def test_the_remat_check_sees_the_warning_when_conditioning_weights_are_split(ca
 
     cfg = get_config()
     rules = (*sharding.DEFAULT_RULES, ("cond", "fsdp"))
-    _compile_train_step(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules)))
+    mesh = dataclasses.replace(cfg.mesh, rules=rules, min_fsdp_mib=0.0)
+    _compile_train_step(dataclasses.replace(cfg, mesh=mesh))
     assert REMAT in capfd.readouterr().err
 
 
@@ -95,7 +119,7 @@ def test_preset_steps_compile_without_involuntary_rematerialization(preset, mesh
         model=get_preset(preset),
         data=DataConfig(path="unused", batch_size=32),
         optim=OptimConfig(clip_norm=1.0),
-        mesh=MeshConfig(data=mesh[0], fsdp=mesh[1]),
+        mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], min_fsdp_mib=0.0),  # every weight split
     )
     _compile_train_step(cfg)
     assert REMAT not in capfd.readouterr().err

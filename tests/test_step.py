@@ -22,7 +22,8 @@ def _cfg(**optim):
         model=MODEL,
         data=DataConfig(path="unused", batch_size=8),
         optim=OptimConfig(**{"lr": 3e-3, "warmup_steps": 0, "ema_decay": 0.9, **optim}),
-        mesh=MeshConfig(data=2, fsdp=2),
+        # Split every parameter, however small, so the tiny model exercises FSDP.
+        mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib=0),
         objective=ObjectiveConfig(cfg_drop=0.0),
     )
 
@@ -96,7 +97,8 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_tensor_parallel_mesh_gives_the_same_step():
     losses = []
     for data, fsdp, tensor in ((2, 2, 1), (1, 2, 2)):
-        cfg = dataclasses.replace(_cfg(), mesh=MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+        mesh_cfg = MeshConfig(data=data, fsdp=fsdp, tensor=tensor, min_fsdp_mib=0)
+        cfg = dataclasses.replace(_cfg(), mesh=mesh_cfg)
         mesh = sharding.make_mesh(data, fsdp, tensor, devices=jax.devices()[:4])
         tx = train_step.make_optimizer(cfg.optim, cfg.steps)
         spec = train_step.state_spec(cfg, tx, mesh)

@@ -43,7 +43,7 @@ def get_config():
         objective=ObjectiveConfig(cfg_drop=0.2),
         data=DataConfig(path={data!r}, batch_size=8, shuffle_shards=2, streams=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=1.0, ema_decay=0.9),
-        mesh=MeshConfig(data=2, fsdp=2),
+        mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib=0),  # split every weight: tests FSDP
         checkpoint=CheckpointConfig(dir={ckpt!r}, every={every}, keep=3, async_save={async_save}),
         log=LogConfig(every=1, tensorboard={tb}, sample_every=0, val_every={val_every}),
     )

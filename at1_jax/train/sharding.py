@@ -52,10 +52,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules):
-    """PartitionSpec for one array: each mesh axis used once, only where it divides the dim."""
+def spec_for(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules,
+    replicate_fsdp: bool = False,
+):
+    """PartitionSpec for one array: each mesh axis used once, only where it divides the dim.
+
+    replicate_fsdp: the array stays whole along the `fsdp` axis (too small to be worth it).
+    """
     table = dict(rules)
-    used: set[str] = set()
+    used: set[str] = {"fsdp"} if replicate_fsdp else set()
     spec = []
     for name, dim in zip(axes, shape, strict=True):
         target = table.get(name) if name is not None else None
@@ -73,12 +82,18 @@ def _is_var(x):
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for an nnx State (or any pytree of Variables carrying logical_axes)."""
+def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, min_fsdp_mib: float = 0.0):
+    """NamedShardings for an nnx State (or any pytree of Variables carrying logical_axes).
+
+    Arrays of at most `min_fsdp_mib` MiB are not split over `fsdp` (big_vision's
+    min_size_to_shard_mb): gathering them every step costs more than the memory they save.
+    """
 
     def one(var):
         axes = var.get_metadata().get("logical_axes") or (None,) * var.ndim
-        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh, rules)))
+        small = math.prod(var.shape) * np.dtype(var.dtype).itemsize <= min_fsdp_mib * 2**20
+        spec = spec_for(axes, var.shape, mesh, rules, replicate_fsdp=small)
+        return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=_is_var)
 

@@ -71,9 +71,9 @@ def state_spec(cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh) -
     """Shapes and shardings of the train state, computed without allocating it."""
     model = nnx.eval_shape(lambda: _new_model(cfg.model, cfg.seed))
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    rules = cfg.mesh.rules
-    param_sh = _pure(sharding.state_shardings(params, mesh, rules))
-    buffer_sh = _pure(sharding.state_shardings(buffers, mesh, rules))
+    rules, small = cfg.mesh.rules, cfg.mesh.min_fsdp_mib
+    param_sh = _pure(sharding.state_shardings(params, mesh, rules, small))
+    buffer_sh = _pure(sharding.state_shardings(buffers, mesh, rules, small))
     abstract_params = _pure(params)
     opt = jax.eval_shape(tx.init, abstract_params)
     replicated = sharding.replicated(mesh)
