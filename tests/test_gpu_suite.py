@@ -16,6 +16,7 @@ def test_cpu_smoke_reports_every_case_and_survives_a_failing_one(tmp_path, capsy
     assert [r["kind"] for r in report["cases"]] == [
         "train",
         "train",
+        "train",
         "sample",
         "reader",
         "max_batch",
@@ -26,6 +27,8 @@ def test_cpu_smoke_reports_every_case_and_survives_a_failing_one(tmp_path, capsy
     assert all(r["status"] == "ok" for r in ok), ok
     train = rows["tld-101m b4 attn=xla dw=shift"]
     assert train["images_per_s"] > 0 and train["compile_s"] > 0 and train["batch"] == 4
+    scanned = rows["tld-101m b4 attn=xla dw=shift scan"]  # the blocks as one lax.scan
+    assert scanned["images_per_s"] > 0 and scanned["compile_s"] > 0
     reader = rows["shard reader vs tld-101m step"]
     assert reader["reader_over_step"] == pytest.approx(
         reader["images_per_s"] / train["images_per_s"]
@@ -40,7 +43,7 @@ def test_cpu_smoke_reports_every_case_and_survives_a_failing_one(tmp_path, capsy
 
 def test_cases_past_the_budget_are_recorded_as_skipped(tmp_path):
     report = gpu_suite.run_suite(str(tmp_path), smoke=True, budget_s=0)
-    assert len(report["cases"]) == 5
+    assert len(report["cases"]) == 6
     assert {r["status"] for r in report["cases"]} == {"skipped: time budget spent"}
     assert json.loads((tmp_path / "report.json").read_text())["cases"] == report["cases"]
 
@@ -51,5 +54,6 @@ def test_full_size_plan_covers_the_issue(capsys):
         f"tld-101m b256 attn={a} dw={d}" for a in ("cudnn", "xla") for d in ("conv", "shift")
     ]
     assert "xl-600m b128 attn=cudnn dw=conv remat" in names and names[-1].startswith("xl-600m")
+    assert "xl-600m b128 attn=cudnn dw=conv remat scan" in names
     assert gpu_suite.main(["/nonexistent", "--budget-s", "1"]) == 2  # this machine has no GPU
     assert "no GPU here" in capsys.readouterr().out

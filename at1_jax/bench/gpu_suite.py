@@ -4,7 +4,8 @@ python -m at1_jax.bench.gpu_suite OUT [--cpu-smoke] [--budget-s 420]
 
 Per preset (bf16 compute, fp32 parameters): images/s, MFU against the chip's dense bf16
 peak, peak device memory and compile time of the real sharded train step, for the attention
-(cuDNN vs XLA) and depthwise (grouped conv vs shifted adds) implementations and remat on/off;
+(cuDNN vs XLA) and depthwise (grouped conv vs shifted adds) implementations, remat on/off and
+the blocks as one lax.scan (xl-600m's compile time);
 the largest `xl-600m` batch that fits; the sampler (DPM++ 2M, 20 steps, guidance 6) with the
 SDXL-layout VAE decoder at 256 px; the shard reader's images/s from local shards against what
 the step consumes. Cases run in priority order; one that fails (e.g. out of memory) is
@@ -49,11 +50,12 @@ class Case:
 def cases(smoke: bool) -> list[Case]:
     """All cases, most important first (the MFU targets, then the rest)."""
 
-    def train(preset, attention, depthwise, remat=False):
+    def train(preset, attention, depthwise, remat=False, scan=False):
         batch = SMOKE_BATCH if smoke else GPU_BATCH[preset]
         name = f"{preset} b{batch} attn={attention} dw={depthwise}" + (" remat" if remat else "")
+        name += " scan" if scan else ""
         p = {"preset": SMOKE_PRESET if smoke else preset, "batch": batch, "attention": attention}
-        return Case(name, "train", {**p, "depthwise": depthwise, "remat": remat})
+        return Case(name, "train", {**p, "depthwise": depthwise, "remat": remat, "scan": scan})
 
     preset = SMOKE_PRESET if smoke else "tld-101m"
     sample = Case("sampler dpm++ 20 steps g6 + SDXL VAE", "sample", {"preset": preset})
@@ -67,9 +69,12 @@ def cases(smoke: bool) -> list[Case]:
     )
     if smoke:  # one case of each kind; cuDNN attention fails on a CPU: the failure path
         failing, working = train("tld-101m", "cudnn", "conv"), train("tld-101m", "xla", "shift")
-        return [failing, working, sample, reader, largest]
+        scanned = train("tld-101m", "xla", "shift", scan=True)
+        return [failing, working, scanned, sample, reader, largest]
     out = [train("tld-101m", a, d) for a in ("cudnn", "xla") for d in ("conv", "shift")]
     out += [train("xl-600m", "cudnn", "conv"), train("xl-600m", "cudnn", "conv", remat=True)]
+    # The compile time of the 32-block step with the blocks as one lax.scan.
+    out += [train("xl-600m", "cudnn", "conv", remat=True, scan=True)]
     out += [sample, reader]
     out += [train("at1", a, "auto") for a in ("cudnn", "xla")]
     return [*out, largest]
@@ -94,6 +99,7 @@ def run_train(p: dict, steps: int) -> dict:
         attention=p["attention"],
         depthwise=p["depthwise"],
         remat=p["remat"],
+        scan_blocks=p.get("scan", False),
     )
     return {"batch": p["batch"], **bench_train(cfg, steps)}
 

@@ -22,7 +22,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
 F32 = jnp.float32
 # Fields that change how the model computes, not which weights it has.
-NUMERICS = ("dtype", "remat", "attention", "depthwise", "dropout")
+NUMERICS = ("dtype", "remat", "scan_blocks", "attention", "depthwise", "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,9 @@ class DenoiserConfig:
     # fast bfloat16 dot products (GPU, TPU, CPUs with AVX512_BF16/AMX), else float32.
     dtype: str = "float32"
     remat: bool = False
+    # One lax.scan over the blocks: compile time independent of depth (xl-600m: 54 s → 8 s on
+    # CPU) for a stacked copy of the block weights in each step.
+    scan_blocks: bool = False
     attention: str = "auto"
     depthwise: str = "auto"
 
@@ -414,6 +417,19 @@ class Denoiser(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
         self.out_proj = _linear(cfg, E, P, ("embed", "patch"), rngs)
 
+    def _scanned_blocks(self, h_BTE, ctx_BSE, dropout_key):
+        """The blocks as one lax.scan over their weights stacked on a leading axis.
+
+        The weights stay one module per block (the checkpoint and PyTorch layout); the
+        stack is built inside the step, and its gradient is sliced back to each block.
+        """
+        split = [nnx.split(block) for block in self.blocks]
+        graphdef = split[0][0]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(state for _, state in split))
+        body = _scan_body(graphdef, ctx_BSE, dropout_key, self.cfg.remat)
+        h_BTE, _ = jax.lax.scan(body, h_BTE, (stacked, jnp.arange(len(split))))
+        return h_BTE
+
     def conditioning(self, sigma_B1, text_BD):
         """The two context tokens [noise, text], layer-normed: (B, 2, E)."""
         phase_BK = sigma_B1.astype(jnp.float32) * self.angular_speeds[...]
@@ -445,11 +461,25 @@ class Denoiser(nnx.Module):
         ctx_BSE = self.conditioning(sigma_B1, text_BD.astype(dtype))
         h = self.patch_norm1(self.patch_conv(self.patchify(x_BCHW.astype(dtype))))
         h_BTE = self.patch_norm2(self.patch_proj(h)) + self.pos_embed[...].astype(dtype)
-        call = nnx.remat(Block.__call__) if cfg.remat else Block.__call__
-        for i, block in enumerate(self.blocks):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            h_BTE = call(block, h_BTE, ctx_BSE, key)
+        if cfg.scan_blocks:
+            h_BTE = self._scanned_blocks(h_BTE, ctx_BSE, dropout_key)
+        else:
+            call = nnx.remat(Block.__call__) if cfg.remat else Block.__call__
+            for i, block in enumerate(self.blocks):
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+                h_BTE = call(block, h_BTE, ctx_BSE, key)
         return self.unpatchify(self.out_proj(h_BTE)).astype(jnp.float32)
+
+
+def _scan_body(graphdef, ctx_BSE, dropout_key, remat: bool):
+    """One block as a lax.scan step: (h, (block state, index)) → (h, None)."""
+
+    def body(h_BTE, xs):
+        state, i = xs
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        return nnx.merge(graphdef, state)(h_BTE, ctx_BSE, key), None
+
+    return jax.checkpoint(body) if remat else body
 
 
 def count_params(model: nnx.Module) -> int:
