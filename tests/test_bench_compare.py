@@ -59,6 +59,7 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
 def test_bad_arguments_are_one_line_errors():
     for args, message in (
         (["--rounds", "0"], "--rounds and --batch must be >= 1"),
+        (["--rewarm", "-1"], "--rewarm >= 0"),
         (["--xla-option", "no_equals_sign"], "--xla-option takes NAME=VALUE"),
         (["--presets", "at2"], "unknown model preset 'at2'"),
     ):

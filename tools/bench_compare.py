@@ -6,10 +6,12 @@
 Each side runs in its own worker process (so peak RSS is per side), built once and
 warmed up, then the two take turns for `--rounds` rounds of about `--round-s` seconds
 each, the order flipping every round, so that other jobs on the machine load both alike.
-The JAX side is the project's real sharded step (at1_jax.train.step: posterior sample,
-noise, fwd+bwd, clipping, Adam, EMA, non-finite guard); the PyTorch side is the tests'
-reference model (tests/torch_reference.py) with the same preset, batch, objective,
-clipping, Adam and EMA, fp32 eager. The figure is the ratio; nothing here is asserted.
+Each round starts with `--rewarm` untimed steps on each side (memory idle during the other
+side's round can have been paged out). The JAX side is the project's real sharded step
+(at1_jax.train.step: posterior sample, noise, fwd+bwd, clipping, Adam, EMA, non-finite
+guard); the PyTorch side is the tests' reference model (tests/torch_reference.py) with the
+same preset, batch, objective, clipping, Adam and EMA, fp32 eager. The figure is the
+ratio; nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -67,14 +69,16 @@ def _warm_up(step_once) -> float:
 
 
 def _serve(step_once) -> None:
-    """Worker loop: 'N' on stdin runs N timed steps and reports their seconds; 'quit' ends."""
+    """Worker loop: 'N W' on stdin runs W untimed, then N timed steps; 'quit' ends."""
     for line in sys.stdin:
-        command = line.strip()
-        if command == "quit":
+        command = line.split()
+        if command == ["quit"]:
             _emit({"peak_rss_gib": _peak_rss_gib()})
             return
+        for _ in range(int(command[1])):
+            step_once()
         seconds, loss = [], None
-        for _ in range(int(command)):
+        for _ in range(int(command[0])):
             t0 = time.perf_counter()
             loss = step_once()
             seconds.append(time.perf_counter() - t0)
@@ -281,7 +285,7 @@ def compare(preset: str, args) -> dict:
     losses: dict[str, float] = {}
     for r in range(args.rounds):
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-            out = workers[side].ask(str(steps[side]))
+            out = workers[side].ask(f"{steps[side]} {args.rewarm}")
             rates[side].append(args.batch * len(out["seconds"]) / sum(out["seconds"]))
             losses[side] = out["loss"]
     rss = {s: w.close() for s, w in workers.items()}
@@ -343,6 +347,10 @@ def main(argv=None) -> int:
     p.add_argument("--torch-malloc", default="",
                    help="GLIBC_TUNABLES of the PyTorch worker (default: none, glibc's malloc "
                         "as the reference runs; hugetlb made its step slower here)")  # fmt: skip
+    p.add_argument("--rewarm", type=int, default=1,
+                   help="untimed steps at the start of each round: memory a side left idle "
+                        "while the other ran may have been paged out (this VM's DAMON pageout "
+                        "made the first JAX step after 20 s idle 3.5x slower)")  # fmt: skip
     p.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     p.add_argument("--devices", type=int, default=1, help="fake CPU devices for the JAX side")
     p.add_argument("--fsdp", type=int, default=1, help="fsdp mesh axis (data takes the rest)")
@@ -356,8 +364,8 @@ def main(argv=None) -> int:
     if args.worker:
         (jax_worker if args.worker == "at1_jax" else torch_worker)(json.loads(args.spec))
         return 0
-    if args.rounds < 1 or args.batch < 1 or args.round_s <= 0:
-        p.error("--rounds and --batch must be >= 1 and --round-s > 0")
+    if args.rounds < 1 or args.batch < 1 or args.round_s <= 0 or args.rewarm < 0:
+        p.error("--rounds and --batch must be >= 1, --round-s > 0 and --rewarm >= 0")
     bad = [o for o in args.xla_option if "=" not in o]
     if bad:
         p.error(f"--xla-option takes NAME=VALUE, got {bad[0]!r}")
