@@ -46,8 +46,9 @@ class DenoiserConfig:
     # fast bfloat16 dot products (GPU, TPU, CPUs with AVX512_BF16/AMX), else float32.
     dtype: str = "float32"
     remat: bool = False
-    # One lax.scan over the blocks: compile time independent of depth (xl-600m: 54 s → 8 s on
-    # CPU) for a stacked copy of the block weights in each step.
+    # One lax.scan over the blocks: the model compiles in nearly constant time whatever the
+    # depth (xl-600m's train step: 54 → 39 s on CPU, its fwd+bwd 14 → 6 s) for a stacked copy
+    # of the block weights in each step.
     scan_blocks: bool = False
     attention: str = "auto"
     depthwise: str = "auto"
