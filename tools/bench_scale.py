@@ -1,6 +1,6 @@
 """Multi-process against one process on this CPU: 2 processes × 2 devices vs 1 × 4 devices.
 
-    make bench-scale                                     # at1, global batch 32, float32
+    make bench-scale                                     # at1, global batch 32, dtype auto
     python tools/bench_scale.py --preset tld-tiny --batch 8 --steps 2 --rounds 1
 
 Both configurations run `python -m at1_jax.bench train` with the same preset, global batch
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32,
                    help="global batch, both configurations")  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype; auto: bf16 where the CPU has bf16 dot product")  # fmt: skip
+                   help="auto: bfloat16 where the CPU has bf16 dot products")  # fmt: skip
     p.add_argument("--steps", type=int, default=5, help="timed steps per run, after a warm-up")
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per run")
