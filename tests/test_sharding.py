@@ -123,3 +123,22 @@ def test_preset_steps_compile_without_involuntary_rematerialization(preset, mesh
     )
     _compile_train_step(cfg)
     assert REMAT not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_xl_600m_scanned_step_compiles_without_involuntary_rematerialization(capfd):
+    """The largest preset as the GPU suite runs it (bf16, blocks scanned) on a 2×2 mesh."""
+    import dataclasses
+
+    from at1_jax.model.presets import get_preset
+    from at1_jax.train.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+
+    model = dataclasses.replace(get_preset("xl-600m"), dtype="bfloat16", scan_blocks=True)
+    cfg = TrainConfig(
+        model=model,
+        data=DataConfig(path="unused", batch_size=8),
+        optim=OptimConfig(clip_norm=1.0),
+        mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib=0.0),
+    )
+    _compile_train_step(cfg)
+    assert REMAT not in capfd.readouterr().err
