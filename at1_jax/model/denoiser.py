@@ -128,10 +128,6 @@ class DenoiserConfig:
     def compute_dtype(self):
         return jnp.dtype(resolve_dtype(self.dtype))
 
-    def resolved(self) -> DenoiserConfig:
-        """This config with dtype "auto" replaced by what it means on this machine."""
-        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype))
-
 
 class Buffer(nnx.Variable):
     """A non-trainable array that travels with the weights (PyTorch's register_buffer)."""
