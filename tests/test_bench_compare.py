@@ -69,3 +69,34 @@ def test_bad_arguments_are_one_line_errors():
         assert run.returncode == 2, (args, run.stderr)
         assert message in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_steps_run_one_deep_as_the_trainer_runs_them():
+    """Step k+1 is dispatched before step k's loss is read, and every loss is read."""
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import bench_compare
+    finally:
+        sys.path.pop(0)
+    events = []
+
+    def start():
+        k = sum(e[0] == "start" for e in events)
+        events.append(("start", k))
+
+        def finish():
+            events.append(("finish", k))
+            return float(k)
+
+        return finish
+
+    assert bench_compare._run(start, 3) == 2.0
+    assert events == [
+        ("start", 0),
+        ("start", 1),
+        ("finish", 0),
+        ("start", 2),
+        ("finish", 1),
+        ("finish", 2),
+    ]
+    assert bench_compare._run(start, 0) is None

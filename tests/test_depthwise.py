@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at1_jax.model.depthwise import depthwise_conv3x3, depthwise_conv3x3_gelu, gelu_grad
+from at1_jax.model.depthwise import (
+    band_rows,
+    depthwise_conv3x3,
+    depthwise_conv3x3_gelu,
+    gelu,
+    gelu_grad,
+    kernel_grad,
+)
 
 
 def _numpy_reference(x, w, b):
@@ -106,6 +113,41 @@ def test_fused_gelu_vjp_equals_autodiff_of_the_unfused_ops(dtype):
             # The GELU gradient is rounded to bf16 (≤ 2^-8 relative) before the taps sum it,
             # and dx is rounded again: measured 3.5e-3 of the largest entry, bound 1e-2.
             np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+def test_kernel_gradient_by_row_bands_equals_the_float64_sum(rows):
+    k = jax.random.split(jax.random.key(3), 2)
+    x = jax.random.normal(k[0], (2, 6, 5, 8))
+    dy = jax.random.normal(k[1], (2, 6, 5, 8))
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dy64 = np.asarray(dy, np.float64)
+    want = np.stack(
+        [(xp[:, i : i + 6, j : j + 5, :] * dy64).sum((0, 1, 2)) for i in range(3) for j in range(3)]
+    ).reshape(3, 3, 8)
+    # 60 products of O(1) per entry summed in float32: ~1e-6 relative to the sum's terms.
+    np.testing.assert_allclose(kernel_grad(x, dy, rows), want, rtol=0, atol=1e-5)
+
+
+def test_kernel_gradient_bands_must_divide_the_height():
+    x = jnp.zeros((1, 6, 5, 8))
+    with pytest.raises(ValueError, match="divide the height 6, got 4"):
+        kernel_grad(x, x, 4)
+
+
+def test_band_rows_fit_the_budget_and_divide_the_height():
+    # tld-tiny's MLP (batch 32, 8×8, 512 channels): 512 KiB of float32 per row.
+    assert band_rows(32, 8, 8, 512) == 2
+    # at1's (16×16, 2048 channels): one row is over budget already, so bands of one row.
+    assert band_rows(32, 16, 16, 2048) == 1
+    assert band_rows(1, 7, 4, 4) == 7  # small maps go in one band
+
+
+def test_gelu_is_the_exact_gelu():
+    a = jnp.linspace(-8.0, 8.0, 1601)
+    # The erf and erfc forms of a·Φ(a) in float32: a few ulps of |a|·Φ(a) ≤ 8.
+    np.testing.assert_allclose(gelu(a), jax.nn.gelu(a, approximate=False), rtol=0, atol=4e-6)
+    np.testing.assert_allclose(gelu(a), _gelu64(np.asarray(a, np.float64)), rtol=0, atol=4e-6)
 
 
 def test_gelu_grad_is_the_derivative_of_the_exact_gelu():

@@ -96,12 +96,19 @@ def test_local_launcher_gives_each_process_its_devices():
     finally:
         sys.path.pop(0)
     base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_foo=1"}
-    env = local.process_env(base, 1, 2, 1234, 2, [])
+    env = local.process_env(base, 1, 2, 1234, 2, [], cores=5)
     assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
     assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("2", "1")
     assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=2"]
+    # The cores are shared out among the processes' XLA thread pools, never below one thread,
+    # and a count the user set is kept.
+    assert env["PJRT_NPROC"] == "2"
+    assert local.process_env({}, 0, 4, 1234, 1, [], cores=2)["PJRT_NPROC"] == "1"
+    assert local.process_env({"NPROC": "3"}, 0, 2, 1234, 1, [], cores=8).get("PJRT_NPROC") is None
+    assert local.process_env({"PJRT_NPROC": "6"}, 0, 2, 1234, 1, [], 8)["PJRT_NPROC"] == "6"
     gpu = local.process_env({}, 1, 2, 1234, 2, ["4", "5", "6", "7"])
     assert gpu["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert "PJRT_NPROC" not in gpu
 
 
 def free_port():

@@ -9,9 +9,11 @@ each, the order flipping every round, so that other jobs on the machine load bot
 Each round starts with `--rewarm` untimed steps on each side (memory idle during the other
 side's round can have been paged out). The JAX side is the project's real sharded step
 (at1_jax.train.step: posterior sample, noise, fwd+bwd, clipping, Adam, EMA, non-finite
-guard); the PyTorch side is the tests' reference model (tests/torch_reference.py) with the
-same preset, batch, objective, clipping, Adam and EMA, fp32 eager. The figure is the
-ratio; nothing here is asserted.
+guard), run as the trainer runs it: each step is dispatched before the previous step's
+loss is read (PyTorch's eager step is synchronous: it has nothing to overlap). The PyTorch
+side is the tests' reference model (tests/torch_reference.py) with the same preset, batch,
+objective, clipping, Adam and EMA, fp32 eager. The figure is the ratio; nothing here is
+asserted.
 """
 
 from __future__ import annotations
@@ -55,34 +57,45 @@ def _synthetic_batch(model: dict, batch: int) -> dict:
     }
 
 
-def _warm_up(step_once) -> float:
+def _run(start, n: int) -> float:
+    """n steps as the trainer runs them; returns the last loss.
+
+    `start()` dispatches one step and returns a function that waits for it and gives its
+    loss. Like at1_jax.train's loop, the next step is dispatched before the previous one's
+    loss is read, so the host's dispatch overlaps the device's work (PyTorch's eager step
+    has finished when `start` returns: there, nothing overlaps).
+    """
+    pending, loss = None, None
+    for _ in range(n):
+        finish = start()
+        if pending is not None:
+            loss = pending()
+        pending = finish
+    return pending() if pending is not None else loss
+
+
+def _warm_up(start) -> float:
     """Warm-up steps (compilation, torch's lazy kernel set-up), then calibration steps.
 
     Returns when the calibration started; the caller times from there.
     """
-    for _ in range(WARM_UP_STEPS):
-        step_once()
+    _run(start, WARM_UP_STEPS)
     first = time.perf_counter()
-    for _ in range(CALIBRATION_STEPS):
-        step_once()
+    _run(start, CALIBRATION_STEPS)
     return first
 
 
-def _serve(step_once) -> None:
+def _serve(start) -> None:
     """Worker loop: 'N W' on stdin runs W untimed, then N timed steps; 'quit' ends."""
     for line in sys.stdin:
         command = line.split()
         if command == ["quit"]:
             _emit({"peak_rss_gib": _peak_rss_gib()})
             return
-        for _ in range(int(command[1])):
-            step_once()
-        seconds, loss = [], None
-        for _ in range(int(command[0])):
-            t0 = time.perf_counter()
-            loss = step_once()
-            seconds.append(time.perf_counter() - t0)
-        _emit({"seconds": seconds, "loss": loss})
+        _run(start, int(command[1]))
+        t0 = time.perf_counter()
+        loss = _run(start, int(command[0]))
+        _emit({"steps": int(command[0]), "seconds": time.perf_counter() - t0, "loss": loss})
 
 
 def jax_worker(spec: dict) -> None:
@@ -124,12 +137,11 @@ def jax_worker(spec: dict) -> None:
         step = step.lower(state_spec.abstract, batch).compile(compiler_options=options)
     box = {"state": state}
 
-    def step_once() -> float:
+    def start():
         box["state"], metrics = step(box["state"], batch)
-        jax.block_until_ready((box["state"], metrics))
-        return float(metrics["loss"])
+        return lambda: float(metrics["loss"])
 
-    first = _warm_up(step_once)
+    first = _warm_up(start)
     _emit(
         {
             "ready": True,
@@ -141,7 +153,7 @@ def jax_worker(spec: dict) -> None:
             + "".join(f", {k}={v}" for k, v in spec["xla_options"].items()),
         }
     )
-    _serve(step_once)
+    _serve(start)
 
 
 def _option_value(text: str):
@@ -183,7 +195,7 @@ def torch_worker(spec: dict) -> None:
         torch.from_numpy(batch[k]).float() for k in ("latent", "latent_std", "text")
     )
 
-    def step_once() -> float:
+    def start():
         x = latent + latent_std * torch.randn_like(latent)  # the VAE posterior, re-sampled
         sigma = beta.sample((B, 1)).clamp(1e-5, 1 - 1e-5)
         x_noisy = sigma.view(B, 1, 1, 1) * torch.randn_like(x) + (1 - sigma.view(B, 1, 1, 1)) * x
@@ -195,9 +207,10 @@ def torch_worker(spec: dict) -> None:
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1.0 - o["ema_decay"])
-        return loss.item()
+        loss = loss.item()
+        return lambda: loss
 
-    first = _warm_up(step_once)
+    first = _warm_up(start)
     _emit(
         {
             "ready": True,
@@ -206,7 +219,7 @@ def torch_worker(spec: dict) -> None:
             "what": f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 eager",
         }
     )
-    _serve(step_once)
+    _serve(start)
 
 
 class Worker:
@@ -286,7 +299,7 @@ def compare(preset: str, args) -> dict:
     for r in range(args.rounds):
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
             out = workers[side].ask(f"{steps[side]} {args.rewarm}")
-            rates[side].append(args.batch * len(out["seconds"]) / sum(out["seconds"]))
+            rates[side].append(args.batch * out["steps"] / out["seconds"])
             losses[side] = out["loss"]
     rss = {s: w.close() for s, w in workers.items()}
     pair = [j / t for j, t in zip(rates["at1_jax"], rates["torch"], strict=True)]
