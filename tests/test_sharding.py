@@ -72,7 +72,33 @@ def _compile_train_step(cfg):
         "text": (n, m.text_dim),
     }
     batch = {k: jax.ShapeDtypeStruct(v, np.float16, sharding=spec.batch) for k, v in shapes.items()}
-    train_step.make_train_step(cfg, tx, spec, 1.0).lower(spec.abstract, batch).compile()
+    return train_step.make_train_step(cfg, tx, spec, 1.0).lower(spec.abstract, batch).compile()
+
+
+def _collectives_by_computation(hlo: str) -> dict[str, list[str]]:
+    """{computation name: the collective ops in it} for an HLO module's text."""
+    import re
+
+    found, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = "ENTRY" if head.group(1) else head.group(2)
+            continue
+        op = re.search(r" (all-reduce|all-gather|reduce-scatter|all-to-all)(-start)?\(", line)
+        if op and name:
+            found.setdefault(name, []).append(op.group(1))
+    return found
+
+
+def test_sharded_step_synchronises_devices_once_outside_any_loop():
+    """Weights whole on every device: one all-reduce (the gradients, combined), in the entry
+    computation. The Beta draws of the noise levels are rejection loops; split over the batch,
+    each loop iteration was a predicate all-reduce between all devices (across hosts too)."""
+    from at1_demo.config import get_config
+
+    hlo = _compile_train_step(get_config()).as_text()
+    assert _collectives_by_computation(hlo) == {"ENTRY": ["all-reduce"]}
 
 
 REMAT = "Involuntary full rematerialization"

@@ -87,11 +87,23 @@ def ema_update(ema_params, params, decay: float):
 
 
 def training_targets(
-    key: jax.Array, x: jax.Array, text_BD: jax.Array, cfg: ObjectiveConfig
+    key: jax.Array,
+    x: jax.Array,
+    text_BD: jax.Array,
+    cfg: ObjectiveConfig,
+    sigma_sharding: jax.sharding.Sharding | None = None,
 ) -> TrainingInputs:
-    """Draws sigma, noise and text dropout from one key; returns (x_noisy, sigma, text)."""
+    """Draws sigma, noise and text dropout from one key; returns (x_noisy, sigma, text).
+
+    `sigma_sharding` (a replicated one, from a sharded step) places the Beta draws.
+    """
     key_sigma, key_eps, key_drop = jax.random.split(key, 3)
     sigma_B1 = sample_sigma(key_sigma, x.shape[0], cfg.beta_a, cfg.beta_b)
+    if sigma_sharding is not None:
+        # Beta draws are rejection loops: split over the batch, every device waits on every
+        # loop iteration for the others (a predicate all-reduce, across hosts in multi-process
+        # runs). B numbers cost nothing to draw on every device.
+        sigma_B1 = jax.lax.with_sharding_constraint(sigma_B1, sigma_sharding)
     # Noise and the noisy latent are float32 whatever x's storage dtype (latents are kept fp16).
     eps = jax.random.normal(key_eps, x.shape, jnp.float32)
     x_noisy = add_noise(x.astype(jnp.float32), sigma_B1, eps)

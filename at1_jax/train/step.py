@@ -147,6 +147,7 @@ def make_train_step(
     use_dropout = cfg.model.dropout > 0
     base_key = jax.random.key(cfg.seed)
     schedule = learning_rate(cfg.optim, cfg.steps)
+    replicated = sharding.replicated(spec.mesh)
 
     def loss_fn(params, buffers, x_noisy, sigma, text, x, k_drop):
         model = nnx.merge(graphdef, params, buffers)
@@ -164,7 +165,9 @@ def make_train_step(
         x = x * latent_scale
         text = batch["text"].astype(jnp.float32)
         # Noise for the whole batch at once: accumulation changes only the summation order.
-        inputs = training_targets(jax.random.fold_in(key, _OBJECTIVE), x, text, objective)
+        inputs = training_targets(
+            jax.random.fold_in(key, _OBJECTIVE), x, text, objective, replicated
+        )
         k_drop = jax.random.fold_in(key, _DROPOUT)
         params, buffers = state["params"], state["buffers"]
         args = (inputs.x_noisy, inputs.sigma, inputs.text, x)
@@ -208,7 +211,6 @@ def make_train_step(
         }
         return new, metrics
 
-    replicated = sharding.replicated(spec.mesh)
     return jax.jit(
         step,
         in_shardings=(spec.shardings, spec.batch),
