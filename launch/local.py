@@ -41,9 +41,10 @@ def usable_cores() -> int:
 
 
 def process_env(
-    base: dict, i: int, n: int, port: int, devices: int, gpus: list[str], cores: int = 1
+    base: dict, i: int, n: int, port: int, devices: int, gpus: list[str], cores: int | None = None
 ) -> dict:
-    """The environment of process i of n, on a machine with `cores` usable cores."""
+    """The environment of process i of n, on a machine with `cores` usable cores (default:
+    this process's)."""
     env = dict(base)
     env.update(
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -58,7 +59,7 @@ def process_env(
         flags = [f for f in flags if "host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
         if "PJRT_NPROC" not in env and "NPROC" not in env:  # XLA:CPU's pool size, read by PJRT
-            env["PJRT_NPROC"] = str(max(1, cores // n))
+            env["PJRT_NPROC"] = str(max(1, (cores or usable_cores()) // n))
     return env
 
 

@@ -57,7 +57,7 @@ def _synthetic_batch(model: dict, batch: int) -> dict:
     }
 
 
-def _run(start, n: int) -> float:
+def _run(start, n: int) -> float | None:
     """n steps as the trainer runs them; returns the last loss.
 
     `start()` dispatches one step and returns a function that waits for it and gives its
