@@ -18,14 +18,21 @@ def test_compiled_flops_match_the_analytic_count(name):
 
 
 @pytest.mark.slow
-def test_model_and_train_benchmarks_print_figures(capsys):
+def test_model_and_train_benchmarks_print_figures(capsys, tmp_path):
     assert bench.main(["model", "--presets", "tld-tiny", "--batch", "2", "--steps", "1"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tld-tiny"))
     assert float(line.split()[1]) > 0  # images/s
-    args = ["train", "--preset", "tld-tiny", "--batch", "4", "--fsdp", "2", "--steps", "1"]
-    assert bench.main(args) == 0
+    args = ["train", "--preset", "tld-tiny", "--batch", "4", "--fsdp", "2", "--steps", "2"]
+    assert bench.main([*args, "--profile", str(tmp_path / "trace")]) == 0
     out = capsys.readouterr().out
     assert "images/s" in out and "model TFLOP/s" in out and "x4" in out
+    assert "this process: CPU" in out and "MiB per device, allocated every step" in out
+    # The profile's table: the 4 devices' kernels, the step's matrix products among them.
+    table = out[out.index("kernel kind") :].splitlines()
+    dots = [ln for ln in table if "[dot]" in ln]
+    assert dots and all(float(ln.split()[-1]) >= 4 for ln in dots)  # per step, 4 devices
+    assert table[-1].startswith("all kernels, all threads") and float(table[-1].split()[-1]) > 0
+    assert list((tmp_path / "trace").glob("**/*.xplane.pb"))  # for TensorBoard/XProf
 
 
 @pytest.mark.slow
@@ -35,6 +42,7 @@ def test_train_benchmark_counts_every_device():
     model = dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, depth=1)
     cfg = TrainConfig(model=model, data=DataConfig(path="x", batch_size=8), mesh=MeshConfig(data=4))
     r = bench.bench_train(cfg, steps=1)
+    assert r["cpu_s_per_step"] > 0 and 0 < r["temp_gib"] < 1
     per_image = bench.bench_model(model, batch=8, steps=0, time_it=False)["flops_per_image"]
     # The 4 devices' shares add up to at least the one-device fwd+bwd count; above it by the
     # optimizer/EMA, which every device repeats on replicated weights (~25% for this tiny

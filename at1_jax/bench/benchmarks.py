@@ -133,8 +133,12 @@ def _main_sample(args) -> int:
     return 0
 
 
-def bench_train(cfg, steps: int) -> dict:
-    """The real sharded train step on synthetic batches: time, FLOPs, MFU, peak memory."""
+def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
+    """The real sharded train step on synthetic batches: time, FLOPs, MFU, memory, CPU time.
+
+    With `profile_dir`, `steps` more steps run under jax.profiler.trace (written there) and
+    `profile` holds the step's kernel time by kind.
+    """
     import resource
 
     import numpy as np
@@ -165,13 +169,18 @@ def bench_train(cfg, steps: int) -> dict:
         "model_flops": analytic_train_flops(cfg.model) * cfg.data.batch_size,
         "hardware_flops": per_device * jax.device_count() if per_device else None,
     }
+    memory = step.memory_analysis()
+    # XLA allocates these afresh for every execution (on CPU: mapped and page-faulted in).
+    out["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
     state, metrics = step(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     dt = (time.perf_counter() - t0) / steps
+    # All of this process's threads: compute, dispatch, collectives, the kernel's share.
+    out["cpu_s_per_step"] = (_cpu_seconds() - cpu0) / steps
     out.update(step_s=dt, images_per_s=cfg.data.batch_size / dt)
     out["tflops_per_s"] = out["model_flops"] / dt / 1e12
     peak = peak_flops(jax.devices()[0])
@@ -179,7 +188,22 @@ def bench_train(cfg, steps: int) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     out["peak_device_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
     out["peak_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if profile_dir:
+        from at1_jax.bench import trace_summary
+
+        with jax.profiler.trace(profile_dir):
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+        out["profile"] = trace_summary.summarize(profile_dir, step.as_text(), steps)
     return out
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_train_setup(cfg) -> None:
@@ -237,7 +261,7 @@ def _main_train(args) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = bench_train(cfg, args.steps)
+    r = bench_train(cfg, args.steps, args.profile)
     if jax.process_index() != 0:  # one report per run: the step is collective, so is its time
         return 0
     dev = jax.devices()[0]
@@ -256,6 +280,17 @@ def _main_train(args) -> int:
         f"peak device mem {_fmt(r['peak_device_gib'], '.2f')} GiB | "
         f"peak host RSS {r['peak_host_gib']:.2f} GiB | compile {r['compile_s']:.1f} s"
     )
+    temp = _fmt(r["temp_gib"] and r["temp_gib"] * 1024, ".1f")
+    print(
+        f"this process: CPU {r['cpu_s_per_step']:.3f} s/step "
+        f"({r['cpu_s_per_step'] / r['step_s']:.2f} cores busy) | "
+        f"XLA temporaries {temp} MiB per device, allocated every step"
+    )
+    if "profile" in r:
+        from at1_jax.bench.trace_summary import format_rows
+
+        print(f"trace: {args.profile} ({args.steps} steps, process 0)")
+        print(format_rows(r["profile"]))
     return 0
 
 
@@ -312,6 +347,12 @@ def main(argv=None) -> int:
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     t.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
     t.add_argument("--remat", action="store_true")
+    t.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace --steps more steps with jax.profiler into DIR (TensorBoard/XProf "
+        "can open it) and print the step's kernel time by kind",
+    )
     args = parser.parse_args(argv)
     if args.what == "sample":
         return _main_sample(args)
