@@ -43,7 +43,7 @@ def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
         m["name"]: m
         for m in re.finditer(
             r"^  (?P<name>1x4|2x2) +(?P<procs>\d+) +(?P<devs>\d+) +(?P<lo>[\d.]+) +"
-            r"(?P<med>[\d.]+) +(?P<ips>[\d.]+)$",
+            r"(?P<med>[\d.]+) +(?P<ips>[\d.]+) +(?P<cpu>[\d.]+) +(?P<cores>[\d.]+)$",
             out,
             re.M,
         )
@@ -53,6 +53,11 @@ def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
     assert rows["1x4"]["devs"] == rows["2x2"]["devs"] == "4"
     for row in rows.values():
         assert 0 < float(row["lo"]) <= float(row["med"]) and float(row["ips"]) > 0
+        # All processes' CPU over the step: more than none, at most this machine's cores.
+        assert 0 < float(row["cores"]) <= os.cpu_count() + 0.05
+        # cores = CPU / median step, up to the printed digits
+        cores_x_step = float(row["cores"]) * float(row["med"])
+        assert float(row["cpu"]) == pytest.approx(cores_x_step, rel=0.01, abs=0.003)
     ratio = re.search(r"^  ratio 2x2/1x4 step time: ([\d.]+)x", out, re.M)
     assert ratio and float(ratio[1]) > 0, out
     assert re.search(r"^  within 10%: (yes|no)$", out, re.M), out
@@ -67,6 +72,8 @@ def test_train_benchmark_across_two_processes_reports_once():
     assert code == 0, (out + err)[-3000:]
     figures = [line for line in out.splitlines() if "images/s" in line]
     assert len(figures) == 1 and figures[0].startswith("[p0] "), out
+    cpu = sorted(line[:5] for line in out.splitlines() if "this process: CPU" in line)
+    assert cpu == ["[p0] ", "[p1] "], out  # each process's CPU time, for the run's total
     assert "[p0] backend=cpu device=cpu x4 processes=2 devices=4" in out, out
 
 

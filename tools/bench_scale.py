@@ -8,7 +8,8 @@ and (data=2, fsdp=2) mesh over 4 fake CPU devices: once as one process with 4 de
 through launch/local.py as 2 processes with 2 devices each, joined by jax.distributed. They
 take turns for `--rounds` rounds, the order flipping every round, so that other jobs on the
 machine load both alike. The figure is the ratio of the median step times; nothing here is
-asserted.
+asserted. Beside it, the CPU time all of a run's processes spent per step (and so how many
+cores they kept busy): on one machine, what a second runtime costs shows up there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ DATA, FSDP = 2, 2
 CONFIGS = {"1x4": (1, 4), "2x2": (2, 2)}  # name: (processes, devices per process)
 TOLERANCE = 0.10
 FIGURES = re.compile(r"images/s ([\d.]+) \| step ([\d.]+) s")
+CPU = re.compile(r"this process: CPU ([\d.]+) s/step")  # one line from every process
 HEADER = re.compile(r"processes=(\d+) devices=(\d+)")
 # Set by launch/local.py for its children; inherited ones would make the 1x4 run try to join.
 JOB_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -62,8 +64,8 @@ def command(name: str, args) -> list[str]:
     return [*launcher, "--devices-per-process", str(devices), "--", *bench]
 
 
-def run_once(name: str, args) -> float:
-    """One run of a configuration: its step time in seconds."""
+def run_once(name: str, args) -> tuple[float, float]:
+    """One run of a configuration: its step time and its processes' CPU time per step."""
     processes, devices = CONFIGS[name]
     try:
         run = subprocess.run(
@@ -82,28 +84,31 @@ def run_once(name: str, args) -> float:
         raise RunFailed(name, f"timed out after {args.timeout_s:.0f} s", output or "") from None
     figures = FIGURES.findall(output)
     header = HEADER.findall(output)
+    cpu = [float(c) for c in CPU.findall(output)]
     if code != 0:
         raise RunFailed(name, f"exit code {code}", output)
     if len(figures) != 1 or header != [(str(processes), str(processes * devices))]:
         # One figures line from process 0 only, and the run it describes is the one asked for.
         why = f"expected one figures line for processes={processes}, got {header or 'none'}"
         raise RunFailed(name, why, output)
-    return float(figures[0][1])
+    if len(cpu) != processes:
+        raise RunFailed(name, f"expected {processes} CPU lines, got {len(cpu)}", output)
+    return float(figures[0][1]), sum(cpu)
 
 
-def report(args, steps: dict, load: tuple[float, float]) -> str:
-    """The comparison table, the ratio and the verdict."""
+def report(args, steps: dict, cpu: dict, load: tuple[float, float]) -> str:
+    """The comparison table (with the CPU time all processes spent), the ratio, the verdict."""
     lines = [
         f"preset={args.preset} batch={args.batch} dtype={args.dtype} steps={args.steps} "
         f"rounds={args.rounds} mesh=data:{DATA},fsdp:{FSDP} load={load[0]:.1f}->{load[1]:.1f}",
         f"  {'config':6} {'processes':>9} {'devices':>7} {'step s min':>10} {'median':>7} "
-        f"{'img/s':>8}",
+        f"{'img/s':>8} {'CPU s/step':>10} {'cores':>5}",
     ]
     for name, (processes, devices) in CONFIGS.items():
-        median = statistics.median(steps[name])
+        median, cpu_s = statistics.median(steps[name]), statistics.median(cpu[name])
         lines.append(
             f"  {name:6} {processes:9d} {processes * devices:7d} {min(steps[name]):10.3f} "
-            f"{median:7.3f} {args.batch / median:8.2f}"
+            f"{median:7.3f} {args.batch / median:8.2f} {cpu_s:10.3f} {cpu_s / median:5.2f}"
         )
     ratio = statistics.median(steps["2x2"]) / statistics.median(steps["1x4"])
     rounds = [a / b for a, b in zip(steps["2x2"], steps["1x4"], strict=True)]
@@ -133,11 +138,14 @@ def main(argv=None) -> int:
         p.error("--rounds, --batch and --steps must be >= 1")
     load = os.getloadavg()[0]
     steps = {name: [] for name in CONFIGS}
+    cpu = {name: [] for name in CONFIGS}
     try:
         for i in range(args.rounds):
             order = list(CONFIGS) if i % 2 == 0 else list(reversed(CONFIGS))
             for name in order:
-                steps[name].append(run_once(name, args))
+                step_s, cpu_s = run_once(name, args)
+                steps[name].append(step_s)
+                cpu[name].append(cpu_s)
                 print(f"round {i + 1}/{args.rounds}: {name} step {steps[name][-1]:.3f} s",
                       flush=True)  # fmt: skip
     except RunFailed as e:
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
         print(f"{name} run failed ({why}): {' '.join(command(name, args))}", file=sys.stderr)
         print(tail, file=sys.stderr)
         return 1
-    print(report(args, steps, (load, os.getloadavg()[0])), flush=True)
+    print(report(args, steps, cpu, (load, os.getloadavg()[0])), flush=True)
     return 0
 
 

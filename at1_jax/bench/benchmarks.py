@@ -191,6 +191,9 @@ def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
     if profile_dir:
         from at1_jax.bench import trace_summary
 
+        if jax.process_count() > 1:  # one trace per process: they would share a file name
+            profile_dir = f"{profile_dir}/process{jax.process_index()}"
+        out["profile_dir"] = profile_dir
         with jax.profiler.trace(profile_dir):
             for _ in range(steps):
                 state, metrics = step(state, batch)
@@ -262,7 +265,14 @@ def _main_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     r = bench_train(cfg, args.steps, args.profile)
+    temp = _fmt(r["temp_gib"] and r["temp_gib"] * 1024, ".1f")
+    cpu_line = (
+        f"this process: CPU {r['cpu_s_per_step']:.3f} s/step "
+        f"({r['cpu_s_per_step'] / r['step_s']:.2f} cores busy) | "
+        f"XLA temporaries {temp} MiB per device, allocated every step"
+    )
     if jax.process_index() != 0:  # one report per run: the step is collective, so is its time
+        print(cpu_line)  # but every process's CPU time: together they are the run's
         return 0
     dev = jax.devices()[0]
     print(
@@ -280,16 +290,11 @@ def _main_train(args) -> int:
         f"peak device mem {_fmt(r['peak_device_gib'], '.2f')} GiB | "
         f"peak host RSS {r['peak_host_gib']:.2f} GiB | compile {r['compile_s']:.1f} s"
     )
-    temp = _fmt(r["temp_gib"] and r["temp_gib"] * 1024, ".1f")
-    print(
-        f"this process: CPU {r['cpu_s_per_step']:.3f} s/step "
-        f"({r['cpu_s_per_step'] / r['step_s']:.2f} cores busy) | "
-        f"XLA temporaries {temp} MiB per device, allocated every step"
-    )
+    print(cpu_line)
     if "profile" in r:
         from at1_jax.bench.trace_summary import format_rows
 
-        print(f"trace: {args.profile} ({args.steps} steps, process 0)")
+        print(f"trace: {r['profile_dir']} ({args.steps} steps, this process)")
         print(format_rows(r["profile"]))
     return 0
 
