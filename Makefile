@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # on 2 cores, same peak RSS; see docs/performance.md). Launchers set the same.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: gpu-wheels bench-gpu setup demo test test-fast lint format bench bench-compare clean
+.PHONY: gpu-wheels bench-gpu setup demo test test-fast lint format bench bench-compare bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -66,6 +66,11 @@ bench: $(STAMP)
 # JAX side runs with the GLIBC_TUNABLES above, the PyTorch side with glibc's defaults.
 bench-compare: $(STAMP)
 	PYTHONPATH=. $(BIN)/python tools/bench_compare.py --presets at1,tld-tiny --batch 32 $(ARGS)
+
+# 2 processes x 2 devices against 1 x 4 (launch/local.py, jax.distributed over gloo), the
+# same at1 step and global batch, alternating rounds; e.g. make bench-scale ARGS="--rounds 4".
+bench-scale: $(STAMP)
+	PYTHONPATH=. $(BIN)/python tools/bench_scale.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
