@@ -1,6 +1,7 @@
 """tools/bench_compare.py: both sides run in their own process and the table says so."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
         m["side"]: m
         for m in re.finditer(
             r"^  (?P<side>at1_jax|torch) +(?P<lo>[\d.]+) +(?P<med>[\d.]+) +(?P<hi>[\d.]+) +"
-            r"(?P<rss>[\d.]+) +(?P<steps>\d+) +(?P<setup>[\d.]+) +(?P<loss>[\d.]+)$",
+            r"(?P<rss>[\d.]+) +(?P<steps>\d+) +(?P<setup>[\d.]+) +(?P<loss>[\d.]+) +"
+            r"(?P<cores>[\d.]+)$",
             text,
             re.M,
         )
@@ -48,6 +50,8 @@ def test_one_round_of_each_side_prints_the_comparison(tmp_path):
         assert 0 < float(row["lo"]) <= float(row["med"]) <= float(row["hi"])
         assert float(row["rss"]) > 0.1 and int(row["steps"]) >= 1
         assert 0 < float(row["loss"]) < 10  # an x0 MSE of unit-variance latents
+        # CPU time over wall time while stepping: some, at most every core (with rounding).
+        assert 0 < float(row["cores"]) <= os.cpu_count() + 0.05
     assert re.search(r"ratio at1_jax/torch: img/s [\d.]+x .* peak RSS [\d.]+x", text)
     (result,) = json.loads(out_json.read_text())
     ratio = result["img_per_s"]["at1_jax"][0] / result["img_per_s"]["torch"][0]

@@ -13,7 +13,8 @@ guard), run as the trainer runs it: each step is dispatched before the previous 
 loss is read (PyTorch's eager step is synchronous: it has nothing to overlap). The PyTorch
 side is the tests' reference model (tests/torch_reference.py) with the same preset, batch,
 objective, clipping, Adam and EMA, fp32 eager. The figure is the ratio; nothing here is
-asserted.
+asserted. Each side's CPU time over its wall time while stepping ("cores") says how much of
+the machine it kept busy.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _emit(obj: dict) -> None:
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _synthetic_batch(model: dict, batch: int) -> dict:
@@ -93,9 +100,10 @@ def _serve(start) -> None:
             _emit({"peak_rss_gib": _peak_rss_gib()})
             return
         _run(start, int(command[1]))
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
         loss = _run(start, int(command[0]))
-        _emit({"steps": int(command[0]), "seconds": time.perf_counter() - t0, "loss": loss})
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        _emit({"steps": int(command[0]), "seconds": seconds, "cpu_s": cpu, "loss": loss})
 
 
 def jax_worker(spec: dict) -> None:
@@ -295,11 +303,13 @@ def compare(preset: str, args) -> dict:
     workers = {s: Worker(s, spec, args.devices, malloc[s]) for s in SIDES}
     steps = {s: max(1, round(args.round_s / w.info["step_s"])) for s, w in workers.items()}
     rates: dict[str, list[float]] = {s: [] for s in SIDES}
+    cores: dict[str, list[float]] = {s: [] for s in SIDES}  # CPU time over wall time
     losses: dict[str, float] = {}
     for r in range(args.rounds):
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
             out = workers[side].ask(f"{steps[side]} {args.rewarm}")
             rates[side].append(args.batch * out["steps"] / out["seconds"])
+            cores[side].append(out["cpu_s"] / out["seconds"])
             losses[side] = out["loss"]
     rss = {s: w.close() for s, w in workers.items()}
     pair = [j / t for j, t in zip(rates["at1_jax"], rates["torch"], strict=True)]
@@ -310,6 +320,7 @@ def compare(preset: str, args) -> dict:
         "setup_s": {s: w.info["setup_s"] for s, w in workers.items()},
         "steps_per_round": steps,
         "img_per_s": rates,
+        "cores_busy": cores,
         "last_loss": losses,
         "peak_rss_gib": rss,
         "ratio_median": statistics.median(rates["at1_jax"]) / statistics.median(rates["torch"]),
@@ -327,14 +338,15 @@ def report(r: dict) -> str:
     lines += [f"  {s}: {r['what'][s]}" for s in SIDES]
     lines.append(
         f"  {'side':8} {'img/s min':>9} {'median':>7} {'max':>7} {'peak RSS GiB':>12} "
-        f"{'steps/round':>11} {'setup s':>7} {'last loss':>9}"
+        f"{'steps/round':>11} {'setup s':>7} {'last loss':>9} {'cores':>5}"
     )
     for s in SIDES:
         v = r["img_per_s"][s]
         lines.append(
             f"  {s:8} {min(v):9.2f} {statistics.median(v):7.2f} {max(v):7.2f} "
             f"{r['peak_rss_gib'][s]:12.2f} {r['steps_per_round'][s]:11d} "
-            f"{r['setup_s'][s]:7.1f} {r['last_loss'][s]:9.4f}"
+            f"{r['setup_s'][s]:7.1f} {r['last_loss'][s]:9.4f} "
+            f"{statistics.median(r['cores_busy'][s]):5.2f}"
         )
     pair = r["ratio_per_round"]
     lines.append(
