@@ -134,11 +134,9 @@ def _main_sample(args) -> int:
 
 
 def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
-    """The real sharded train step on synthetic batches: time, FLOPs, MFU, memory, CPU time.
-
-    With `profile_dir`, `steps` more steps run under jax.profiler.trace (written there) and
-    `profile` holds the step's kernel time by kind.
-    """
+    """The real sharded train step on synthetic batches: time, FLOPs, MFU, memory, CPU time."""
+    # With profile_dir, `steps` more steps run under jax.profiler.trace (written there) and
+    # "profile" holds the step's kernel time by kind.
     import resource
 
     import numpy as np
@@ -203,6 +201,7 @@ def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
 
 
 def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
