@@ -76,18 +76,18 @@ def _compile_train_step(cfg):
 
 
 def _collectives_by_computation(hlo: str) -> dict[str, list[str]]:
-    """{computation name: the collective ops in it} for an HLO module's text."""
+    """{computation name ("ENTRY" for the entry): the collective ops in it}."""
     import re
 
-    found, name = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head:
-            name = "ENTRY" if head.group(1) else head.group(2)
-            continue
-        op = re.search(r" (all-reduce|all-gather|reduce-scatter|all-to-all)(-start)?\(", line)
-        if op and name:
-            found.setdefault(name, []).append(op.group(1))
+    from at1_jax.bench.trace_summary import computations
+
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+    collective = re.compile(r" (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")
+    found = {}
+    for name, body in computations(hlo).items():
+        ops = collective.findall(body)
+        if ops:
+            found["ENTRY" if name == entry else name] = ops
     return found
 
 

@@ -22,8 +22,8 @@ class KernelKind:
     per_step: float
 
 
-def _computations(hlo_text: str) -> dict[str, str]:
-    """Computation name → its body text."""
+def computations(hlo_text: str) -> dict[str, str]:
+    """Computation name → its body text, for an HLO module's text."""
     bodies, name, lines = {}, None, []
     for line in hlo_text.splitlines():
         if name is None:
@@ -41,7 +41,7 @@ def kernel_kinds(hlo_text: str) -> dict[str, str]:
     """Instruction name → kind: the name without its number, marked [dot] or [conv]."""
     # A fusion is named after its root (ynn_fusion, add_convert_fusion); the mark says
     # what dominates its time.
-    bodies = _computations(hlo_text)
+    bodies = computations(hlo_text)
     kinds = {}
     for body in bodies.values():
         for line in body.splitlines():
