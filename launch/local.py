@@ -43,8 +43,7 @@ def usable_cores() -> int:
 def process_env(
     base: dict, i: int, n: int, port: int, devices: int, gpus: list[str], cores: int | None = None
 ) -> dict:
-    """The environment of process i of n, on a machine with `cores` usable cores (default:
-    this process's)."""
+    """The environment of process i of n; `cores`: the machine's usable cores (default: ours)."""
     env = dict(base)
     env.update(
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

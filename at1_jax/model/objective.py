@@ -93,13 +93,10 @@ def training_targets(
     cfg: ObjectiveConfig,
     sigma_sharding: jax.sharding.Sharding | None = None,
 ) -> TrainingInputs:
-    """Draws sigma, noise and text dropout from one key; returns (x_noisy, sigma, text).
-
-    `sigma_sharding` (a replicated one, from a sharded step) places the Beta draws.
-    """
+    """Draws sigma, noise and text dropout from one key; returns (x_noisy, sigma, text)."""
     key_sigma, key_eps, key_drop = jax.random.split(key, 3)
     sigma_B1 = sample_sigma(key_sigma, x.shape[0], cfg.beta_a, cfg.beta_b)
-    if sigma_sharding is not None:
+    if sigma_sharding is not None:  # a replicated one, from a sharded step
         # Beta draws are rejection loops: split over the batch, every device waits on every
         # loop iteration for the others (a predicate all-reduce, across hosts in multi-process
         # runs). B numbers cost nothing to draw on every device.
