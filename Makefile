@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 # in site-packages, breaks transformers' image processors; kept off sys.path, no deps.
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/fid-reference -c constraints.txt \
 		torchvision pytorch-fid
+# The C++ depthwise kernel for XLA:CPU (at1_jax/model/native), built now rather than on first
+# use; without a compiler the model runs its XLA formulation, so a failed build is not fatal.
+	$(BIN)/python -m at1_jax.model.native.build || echo "(continuing: depthwise 'auto' runs 'shift')"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,7 +11,8 @@ from at1_jax.model.presets import PRESETS
 
 @pytest.mark.parametrize("name", ["tld-tiny", "at1"])
 def test_compiled_flops_match_the_analytic_count(name):
-    cfg = PRESETS[name]
+    # XLA's cost analysis does not see inside a custom call: the depthwise conv as XLA ops.
+    cfg = dataclasses.replace(PRESETS[name], depthwise="shift")
     r = bench.bench_model(cfg, batch=2, steps=0, time_it=False)
     # XLA also counts elementwise ops (norms, GELU, softmax) that the matmul count leaves out.
     assert 1.0 <= r["flops_per_image"] / r["analytic_flops_per_image"] < 1.25

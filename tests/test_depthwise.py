@@ -70,7 +70,7 @@ def test_shift_gradients_keep_input_dtypes_in_bf16():
 
 
 def test_unknown_impl_is_rejected():
-    with pytest.raises(ValueError, match="'conv' or 'shift'"):
+    with pytest.raises(ValueError, match=r"one of .*'native'\), got 'fft'"):
         depthwise_conv3x3(*_args(), "fft")
 
 
@@ -78,7 +78,7 @@ def _gelu64(a):
     return 0.5 * a * (1.0 + np.vectorize(math.erf)(a / math.sqrt(2.0)))
 
 
-@pytest.mark.parametrize("impl", ["conv", "shift"])
+@pytest.mark.parametrize("impl", ["conv", "shift", "native"])
 def test_fused_gelu_matches_numpy_reference(impl):
     x, w, b = _args()
     ref = _gelu64(_numpy_reference(*(np.asarray(a, np.float64) for a in (x, w, b))))
@@ -86,8 +86,9 @@ def test_fused_gelu_matches_numpy_reference(impl):
     np.testing.assert_allclose(depthwise_conv3x3_gelu(x, w, b, impl), ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["shift", "native"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_gelu_vjp_equals_autodiff_of_the_unfused_ops(dtype):
+def test_fused_gelu_vjp_equals_autodiff_of_the_unfused_ops(dtype, impl):
     """The hand-written VJP (taps recomputed, GELU' in closed form) against jax.grad of
     gelu(grouped conv) in float32, for float32 and bf16 activations."""
     x, w, b = _args()
@@ -95,7 +96,7 @@ def test_fused_gelu_vjp_equals_autodiff_of_the_unfused_ops(dtype):
     dy = jax.random.normal(jax.random.key(2), x.shape)
 
     def fused(x, w, b):
-        return jnp.sum(depthwise_conv3x3_gelu(x, w, b, "shift").astype(jnp.float32) * dy)
+        return jnp.sum(depthwise_conv3x3_gelu(x, w, b, impl).astype(jnp.float32) * dy)
 
     def unfused(x, w, b):
         y = depthwise_conv3x3(x.astype(jnp.float32), w, b, "conv")

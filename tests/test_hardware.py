@@ -51,8 +51,27 @@ def test_training_refuses_auto_when_hosts_would_differ(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert run_setup.resolve_numerics(cfg).model.dtype == "bfloat16"
     # Process 1 of two has no bf16 dot products: one program cannot mix the two dtypes.
-    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row, [1]])
+    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row, [1, row[1]]])
     with pytest.raises(config.ConfigError, match="means float32 on some hosts, bfloat16 on others"):
         run_setup.resolve_numerics(cfg)
     explicit = config.TrainConfig(model=DenoiserConfig(dtype="float32"))
+    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row])
     assert run_setup.resolve_numerics(explicit) is explicit
+
+
+def test_training_refuses_depthwise_auto_when_hosts_would_differ(monkeypatch):
+    from at1_jax.model.denoiser import DEPTHWISE
+    from at1_jax.train import config, distributed, run_setup
+
+    cfg = config.TrainConfig(model=DenoiserConfig(dtype="float32", depthwise="auto"))
+    monkeypatch.setattr(run_setup, "auto_impl", lambda: "native")
+    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row])
+    # Resolved for the check, kept "auto" in the config (the weights stay portable).
+    assert run_setup.resolve_numerics(cfg) is cfg
+    # Process 1 could not build the kernel: its program would differ from process 0's.
+    shift = DEPTHWISE.index("shift")
+    monkeypatch.setattr(distributed, "allgather_rows", lambda row: [row, [row[0], shift]])
+    with pytest.raises(config.ConfigError, match="means shift on some hosts, native on others"):
+        run_setup.resolve_numerics(cfg)
+    pinned = config.TrainConfig(model=DenoiserConfig(dtype="float32", depthwise="shift"))
+    assert run_setup.resolve_numerics(pinned) is pinned

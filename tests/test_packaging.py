@@ -28,6 +28,8 @@ def test_wheel_install_runs_without_the_checkout(tmp_path):
         "from at1_jax.train import config\n"
         "assert at1_jax.__file__.startswith(os.environ['PYTHONPATH']), at1_jax.__file__\n"
         "cfg = config.load_file(demo.DEMO_CONFIG)\n"
+        "from at1_jax.model.native import build\n"
+        "assert build.SOURCE.is_file(), build.SOURCE  # the C++ kernel's source ships\n"
         "print(cfg.model.width, demo.DEMO_CONFIG)\n"
     )
     run = subprocess.run(

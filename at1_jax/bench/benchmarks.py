@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 
 from at1_io.help_format import DefaultsHelpFormatter
-from at1_jax.model.denoiser import Denoiser, DenoiserConfig
+from at1_jax.model.denoiser import DEPTHWISE, Denoiser, DenoiserConfig
 from at1_jax.model.flops import analytic_train_flops, compiled_flops, peak_flops
 from at1_jax.model.hardware import resolve_dtype
 from at1_jax.model.objective import x0_loss
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     m.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     m.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     m.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    m.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
+    m.add_argument("--depthwise", choices=DEPTHWISE, default="auto")
     m.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     m.add_argument("--remat", action="store_true")
     m.add_argument("--flops-only", action="store_true", help="compile and count, do not time")
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     t.add_argument("--tensor", type=int, default=1)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    t.add_argument("--depthwise", choices=("auto", "conv", "shift"), default="auto")
+    t.add_argument("--depthwise", choices=DEPTHWISE, default="auto")
     t.add_argument("--remat", action="store_true")
     t.add_argument(
         "--profile",

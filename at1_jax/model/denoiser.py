@@ -17,7 +17,7 @@ from at1_jax.model.hardware import resolve_dtype
 
 BLOCKS = ("prenorm", "legacy")
 ATTENTION = ("auto", "xla", "cudnn")
-DEPTHWISE = ("auto", "conv", "shift")
+DEPTHWISE = ("auto", "conv", "shift", "native")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LN_EPS = 1e-5  # PyTorch's default; flax's is 1e-6.
 F32 = jnp.float32

@@ -1,6 +1,8 @@
 """Depthwise 3×3 convolution ("same" padding), alone or followed by the exact GELU.
 
-Two formulations with equal numbers. `conv` is XLA's grouped convolution: what cuDNN runs
+Three formulations with equal numbers. `native` (CPU, the default there) runs the fused conv
++ GELU as one C++ kernel per pass (depthwise_native.py); where it cannot be built, `auto`
+falls back to `shift`. `conv` is XLA's grouped convolution: what cuDNN runs
 well on GPU. On XLA:CPU it is ~10× slower than PyTorch, almost all of it in the kernel
 gradient, which XLA lowers to a dense convolution. `shift` writes the conv as 9 shifted
 multiply-adds with a hand-written VJP. Both sum the taps in float32 whatever the input
@@ -12,26 +14,49 @@ gradient one band of rows at a time (see docs/performance.md)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from at1_jax.model import depthwise_native
+
+log = logging.getLogger(__name__)
+IMPLS = ("auto", "conv", "shift", "native")
 TAPS = tuple((i, j) for i in range(3) for j in range(3))
 F32 = jnp.float32
 
 
 def _resolve(impl: str) -> str:
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl not in ("conv", "shift"):
-        raise ValueError(f"depthwise impl must be 'auto', 'conv' or 'shift', got {impl!r}")
+        return auto_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"depthwise impl must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def auto_impl() -> str:
+    """What `auto` means here: native on CPU where its kernel builds, else shift; conv off CPU."""
+    if jax.default_backend() != "cpu":
+        return "conv"
+    reason = depthwise_native.unavailable_reason()
+    if reason:
+        _warn_fallback(reason)
+        return "shift"
+    return "native"
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    log.warning("depthwise 'auto' runs 'shift' (slower): %s", reason)
 
 
 def depthwise_conv3x3(x_BHWC, w_33C, b_C, impl: str = "auto"):
     """y[b, y, x, c] = b[c] + Σ_ij x[b, y+i−1, x+j−1, c]·w[i, j, c] (cross-correlation)."""
+    # The native kernel is the fused conv + GELU the model runs; the conv alone is `shift`.
     if _resolve(impl) == "conv":
         return (_grouped_conv(x_BHWC, w_33C) + b_C.astype(F32)).astype(x_BHWC.dtype)
     return _shift_conv(x_BHWC, w_33C, b_C)
@@ -39,9 +64,12 @@ def depthwise_conv3x3(x_BHWC, w_33C, b_C, impl: str = "auto"):
 
 def depthwise_conv3x3_gelu(x_BHWC, w_33C, b_C, impl: str = "auto"):
     """gelu(depthwise_conv3x3(x, w, b)) with the exact (erf) GELU, in float32, cast to x's dtype."""
-    if _resolve(impl) == "conv":
+    impl = _resolve(impl)
+    if impl == "conv":
         y = _grouped_conv(x_BHWC, w_33C) + b_C.astype(F32)
         return gelu(y).astype(x_BHWC.dtype)
+    if impl == "native":
+        return depthwise_native.depthwise_conv3x3_gelu(x_BHWC, w_33C, b_C)
     return _shift_conv_gelu(x_BHWC, w_33C, b_C)
 
 

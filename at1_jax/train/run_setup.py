@@ -11,7 +11,8 @@ from flax import nnx
 
 from at1_jax.checkpointing import model_card
 from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
-from at1_jax.model.denoiser import DTYPES, NUMERICS, Denoiser, count_params
+from at1_jax.model.denoiser import DEPTHWISE, DTYPES, NUMERICS, Denoiser, count_params
+from at1_jax.model.depthwise import auto_impl
 from at1_jax.model.hardware import auto_dtype_reason
 from at1_jax.model.presets import PRESETS
 from at1_jax.train import config, data, distributed, validation
@@ -113,18 +114,32 @@ def fit_to_dataset(
 
 
 def resolve_numerics(cfg: config.TrainConfig) -> config.TrainConfig:
-    """The config with model.dtype "auto" replaced by what it means here, the same everywhere."""
-    if cfg.model.dtype != "auto":
+    """The config with model.dtype "auto" resolved; both "auto"s must mean the same everywhere."""
+    dtype_auto, depthwise_auto = cfg.model.dtype == "auto", cfg.model.depthwise == "auto"
+    if not (dtype_auto or depthwise_auto):
         return cfg
-    dtype, why = auto_dtype_reason()
-    # One SPMD program for all processes: hosts that resolve differently must not mix dtypes.
-    codes = {row[0] for row in distributed.allgather_rows([DTYPES.index(dtype)])}
-    if len(codes) > 1:
-        found = " on some hosts, ".join(DTYPES[c] for c in sorted(codes))
+    dtype, why = auto_dtype_reason() if dtype_auto else (cfg.model.dtype, "")
+    impl = auto_impl() if depthwise_auto else cfg.model.depthwise
+    # One SPMD program for all processes: hosts that resolve differently must not mix them.
+    rows = distributed.allgather_rows([DTYPES.index(dtype), DEPTHWISE.index(impl)])
+    dtypes, impls = ({row[i] for row in rows} for i in (0, 1))
+    if len(dtypes) > 1:
+        found = " on some hosts, ".join(DTYPES[c] for c in sorted(dtypes))
         raise config.ConfigError(
             f"config.model.dtype='auto' means {found} on others (their hardware differs): "
             "pass --config.model.dtype=float32 or bfloat16"
         )
+    if len(impls) > 1:
+        found = " on some hosts, ".join(DEPTHWISE[c] for c in sorted(impls))
+        raise config.ConfigError(
+            f"config.model.depthwise='auto' means {found} on others (the C++ kernel did not "
+            "build everywhere; see the warning above): pass --config.model.depthwise=shift"
+        )
+    if depthwise_auto:
+        # Kept "auto" in the config: weights trained here stay loadable on a GPU.
+        log.info("model.depthwise auto: %s", impl)
+    if not dtype_auto:
+        return cfg
     log.info("model.dtype auto: %s (%s)", dtype, why)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
 
