@@ -61,9 +61,9 @@ def _f64(*arrays):
 
 
 # Edge cases of the kernel's loops: one row or column (every tap but the centre is off the
-# map), channel counts that leave a remainder after the vector lanes, one example and more
-# examples than threads.
-SHAPES = [(1, 1, 1, 3), (2, 1, 7, 5), (5, 3, 1, 17), (3, 4, 5, 13), (7, 8, 8, 64)]
+# map), channels in blocks of 32 (vector registers), fewer than a block, and blocks with
+# channels left over; one example and more examples than threads.
+SHAPES = [(1, 1, 1, 3), (2, 1, 7, 5), (5, 3, 1, 17), (3, 4, 5, 45), (7, 8, 8, 64), (1, 2, 3, 32)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -81,7 +81,7 @@ def test_values_and_gradients_equal_the_float64_reference(shape):
 
 
 def test_bfloat16_storage_rounds_once():
-    x, w, b, dy = _inputs((4, 6, 5, 24), jnp.bfloat16, seed=1)
+    x, w, b, dy = _inputs((4, 6, 5, 40), jnp.bfloat16, seed=1)  # a block of 32 and 8 more
     y = depthwise_native.depthwise_conv3x3_gelu(x, w, b)
     assert y.dtype == jnp.bfloat16
     want, _ = _reference64(*_f64(x, w, b))
@@ -201,3 +201,14 @@ def test_build_command_prints_the_library(tmp_path):
     )  # fmt: skip
     assert run.returncode == 1
     assert run.stderr.startswith("at1_jax native kernels not built: false ")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_nan_input_spreads_to_its_neighbours_only(dtype):
+    """The non-finite guard sees it: NaN reaches exactly the outputs whose taps read it."""
+    x, w, b, _ = _inputs((1, 5, 5, 32), dtype, seed=5)
+    x = x.at[0, 2, 3, 7].set(jnp.nan)
+    y = np.asarray(depthwise_native.depthwise_conv3x3_gelu(x, w, b), np.float32)
+    want = np.zeros(y.shape, bool)
+    want[0, 1:4, 2:5, 7] = True
+    np.testing.assert_array_equal(np.isnan(y), want)

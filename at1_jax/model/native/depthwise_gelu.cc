@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,48 +33,111 @@ namespace {
 #else
 #define AT1_CLONES
 #endif
+// Everything a cloned function calls is inlined into it, so that it is compiled for that
+// clone's instruction set (an out-of-line copy would be built for the baseline x86-64).
+#define AT1_INLINE inline __attribute__((always_inline))
 
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// Sixteen float32 lanes (one AVX-512 register, two AVX2 ones); the math below is written once
+// for V = float (the channels left over) and V = VF.
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+
+template <typename V>
+constexpr int kLanes = sizeof(V) / sizeof(float);
+
+template <typename V>
+AT1_INLINE V Splat(float f) {
+  if constexpr (std::is_same_v<V, float>) {
+    return f;
+  } else {
+    return V{} + f;
+  }
 }
 
-inline uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA and ml_dtypes do
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+template <typename V>
+AT1_INLINE V Min(V a, V b) {
+  if constexpr (std::is_same_v<V, float>) {
+    return a < b ? a : b;
+  } else {
+    return a < b ? a : b;  // lane-wise select
+  }
+}
+
+template <typename V>
+AT1_INLINE V Max(V a, V b) {
+  return Min<V>(b, a) == b ? a : b;
+}
+
+template <typename To, typename From>
+AT1_INLINE To BitCast(const From& f) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &f, sizeof(To));
+  return t;
+}
+
+AT1_INLINE float Bf16ToF32(uint16_t h) { return BitCast<float>(static_cast<uint32_t>(h) << 16); }
+
+AT1_INLINE uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA and ml_dtypes do
+  uint32_t u = BitCast<uint32_t>(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
 
-template <typename T>
-inline float Load(const T* p);
-template <>
-inline float Load<float>(const float* p) { return *p; }
-template <>
-inline float Load<uint16_t>(const uint16_t* p) { return Bf16ToF32(*p); }
+// Loads and stores of V's lanes from float32 or bfloat16 (uint16_t) storage.
+template <typename V>
+AT1_INLINE V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
 
-template <typename T>
-inline void Store(T* p, float v);
-template <>
-inline void Store<float>(float* p, float v) { *p = v; }
-template <>
-inline void Store<uint16_t>(uint16_t* p, float v) { *p = F32ToBf16(v); }
+template <typename V>
+AT1_INLINE V Load(const uint16_t* p) {
+  if constexpr (std::is_same_v<V, float>) {
+    return Bf16ToF32(*p);
+  } else {
+    VH h;
+    std::memcpy(&h, p, sizeof(VH));
+    return BitCast<VF>(__builtin_convertvector(h, VU) << 16);
+  }
+}
+
+template <typename V>
+AT1_INLINE void Store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V>
+AT1_INLINE void Store(uint16_t* p, V v) {
+  if constexpr (std::is_same_v<V, float>) {
+    *p = F32ToBf16(v);
+  } else {
+    const VU u = BitCast<VU>(v);
+    const VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const VU r = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;  // NaN stays NaN
+    const VH h = __builtin_convertvector(r, VH);
+    std::memcpy(p, &h, sizeof(VH));
+  }
+}
 
 // erf by the rational approximation XLA and Eigen use for float32 (|error| < 2 ulp).
-inline float Erf(float x) {
-  x = std::min(std::max(x, -3.832506856900711f), 3.832506856900711f);
-  const float x2 = x * x;
-  float p = -2.72614225801306e-10f;
+template <typename V>
+AT1_INLINE V Erf(V x) {
+  const float lim = 3.832506856900711f;
+  x = Min<V>(Max<V>(x, Splat<V>(-lim)), Splat<V>(lim));
+  const V x2 = x * x;
+  V p = Splat<V>(-2.72614225801306e-10f);
   p = p * x2 + 2.77068142495902e-08f;
   p = p * x2 + -2.10102402082508e-06f;
   p = p * x2 + -5.69250639462346e-05f;
   p = p * x2 + -7.34990630326855e-04f;
   p = p * x2 + -2.95459980854025e-03f;
   p = p * x2 + -1.60960333262415e-02f;
-  float q = -1.45660718464996e-05f;
+  V q = Splat<V>(-1.45660718464996e-05f);
   q = q * x2 + -2.13374055278905e-04f;
   q = q * x2 + -1.68282697438203e-03f;
   q = q * x2 + -7.37332916720468e-03f;
@@ -83,119 +147,198 @@ inline float Erf(float x) {
 
 // exp(x) for x <= 0 (the Gaussian density's exponent): Cody-Waite reduction and a degree-6
 // polynomial, ~1 ulp; below -87 it is 0, as float32's exp underflows there.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
+template <typename V>
+AT1_INLINE V ExpNonPositive(V x) {
+  x = Max<V>(x, Splat<V>(-87.0f));
+  // Round to the nearest integer: adding and subtracting 1.5 * 2^23 (|x * log2 e| < 2^22).
+  const float magic = 12582912.0f;
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  V p = Splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, 4);
-  return p * scale;
+  if constexpr (std::is_same_v<V, float>) {
+    return p * BitCast<float>((static_cast<int32_t>(n) + 127) << 23);
+  } else {
+    return p * BitCast<VF>((__builtin_convertvector(n, VI) + 127) << 23);
+  }
 }
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
-inline float Gelu(float a) { return 0.5f * a * (1.0f + Erf(a * kInvSqrt2)); }
+template <typename V>
+AT1_INLINE V Gelu(V a) {
+  return 0.5f * a * (1.0f + Erf<V>(a * kInvSqrt2));
+}
 
-inline float GeluGrad(float a) {
-  const float cdf = 0.5f * (1.0f + Erf(a * kInvSqrt2));
-  return cdf + a * ExpNonPositive(-0.5f * a * a) * kInvSqrt2Pi;
+template <typename V>
+AT1_INLINE V GeluGrad(V a) {
+  const V cdf = 0.5f * (1.0f + Erf<V>(a * kInvSqrt2));
+  return cdf + a * ExpNonPositive<V>(-0.5f * a * a) * kInvSqrt2Pi;
 }
 
 struct Shape {
   int64_t H, W, C;
 };
 
-// acc[c] = b[c] + sum over valid taps of x[y+i-1, x+j-1, c] * w[i, j, c], for one output pixel.
-template <typename T>
-inline void Taps(const T* x, const float* w, const float* bias, const Shape& s, int64_t y,
-                 int64_t xx, float* acc) {
-  const int64_t C = s.C;
-  for (int64_t c = 0; c < C; ++c) acc[c] = bias[c];
+// The loops below take N vectors of V's lanes, K = N * lanes channels from c0, at a time: a
+// pixel's sums and a tap's kernel gradient stay in registers instead of memory.
+
+// The kernel's 9 taps for channels c0 .. c0+K, loaded once per block (kept in registers).
+template <typename V, int N>
+struct Kernel {
+  V w[9][N];
+  V b[N];
+};
+
+template <typename V, int N>
+AT1_INLINE Kernel<V, N> LoadKernel(const float* w, const float* bias, int64_t C, int64_t c0) {
+  constexpr int L = kLanes<V>;
+  Kernel<V, N> k;
+  for (int t = 0; t < 9; ++t)
+    for (int n = 0; n < N; ++n) k.w[t][n] = Load<V>(w + t * C + c0 + n * L);
+  for (int n = 0; n < N; ++n) k.b[n] = Load<V>(bias + c0 + n * L);
+  return k;
+}
+
+// a[n] = b + sum over valid taps of x[r+i-1, q+j-1] * w[i, j], for channels c0 .. c0+K.
+template <typename V, int N, typename T>
+AT1_INLINE void Taps(const T* x, const Kernel<V, N>& k, const Shape& s, int64_t r, int64_t q,
+                     int64_t c0, V* a) {
+  constexpr int L = kLanes<V>;
+  for (int n = 0; n < N; ++n) a[n] = k.b[n];
   for (int i = 0; i < 3; ++i) {
-    const int64_t yy = y + i - 1;
+    const int64_t yy = r + i - 1;
     if (yy < 0 || yy >= s.H) continue;
     for (int j = 0; j < 3; ++j) {
-      const int64_t xj = xx + j - 1;
+      const int64_t xj = q + j - 1;
       if (xj < 0 || xj >= s.W) continue;
-      const T* xp = x + (yy * s.W + xj) * C;
-      const float* wp = w + (i * 3 + j) * C;
-      for (int64_t c = 0; c < C; ++c) acc[c] += Load(xp + c) * wp[c];
+      const T* xp = x + (yy * s.W + xj) * s.C + c0;
+      for (int n = 0; n < N; ++n) a[n] += Load<V>(xp + n * L) * k.w[i * 3 + j][n];
     }
   }
 }
 
-template <typename T>
-AT1_CLONES void ForwardExample(const T* x, const float* w, const float* bias, const Shape& s,
-                               T* y, float* acc) {
+// The block's inputs as float32, H*W*K of them: every input is read by 9 output pixels (and
+// 9 kernel-gradient taps), and converting bfloat16 once costs less than converting it 9 times.
+template <typename V, int N, typename T>
+AT1_INLINE const float* Staged(const T* x, const Shape& s, int64_t c0, float* xf) {
+  constexpr int L = kLanes<V>, K = N * L;
+  for (int64_t p = 0; p < s.H * s.W; ++p)
+    for (int n = 0; n < N; ++n) Store<V>(xf + p * K + n * L, Load<V>(x + p * s.C + c0 + n * L));
+  return xf;
+}
+
+template <typename V, int N, typename T>
+AT1_INLINE void ForwardBlock(const T* x, const float* w, const float* bias, const Shape& s,
+                              int64_t c0, T* y, float* xf) {
+  constexpr int L = kLanes<V>, K = N * L;
+  const Kernel<V, N> k = LoadKernel<V, N>(w, bias, s.C, c0);
+  const float* xs = Staged<V, N>(x, s, c0, xf);
+  const Shape block{s.H, s.W, K};
   for (int64_t r = 0; r < s.H; ++r) {
     for (int64_t q = 0; q < s.W; ++q) {
-      Taps(x, w, bias, s, r, q, acc);
-      T* yp = y + (r * s.W + q) * s.C;
-      for (int64_t c = 0; c < s.C; ++c) Store(yp + c, Gelu(acc[c]));
+      V a[N];
+      Taps<V, N>(xs, k, block, r, q, 0, a);
+      T* yp = y + (r * s.W + q) * s.C + c0;
+      for (int n = 0; n < N; ++n) Store<V>(yp + n * L, Gelu<V>(a[n]));
     }
   }
 }
 
-// da = dy * gelu'(conv(x)); dx = conv of da with the flipped kernel; dw, db summed over pixels.
-template <typename T>
-AT1_CLONES void BackwardExample(const T* x, const float* w, const float* bias, const T* dy,
-                                const Shape& s, T* dx, float* dw, float* db, float* da,
-                                float* acc) {
-  const int64_t C = s.C;
-  std::fill(dw, dw + 9 * C, 0.0f);
-  std::fill(db, db + C, 0.0f);
-  for (int64_t r = 0; r < s.H; ++r) {
-    for (int64_t q = 0; q < s.W; ++q) {
-      Taps(x, w, bias, s, r, q, acc);
-      const int64_t p = (r * s.W + q) * C;
-      float* dap = da + p;
-      for (int64_t c = 0; c < C; ++c) {
-        dap[c] = Load(dy + p + c) * GeluGrad(acc[c]);
-        db[c] += dap[c];
+// Channels c0 .. c0+K of one example: da = dy * gelu'(conv(x)) into `da` (H*W*K floats), db
+// and the kernel gradient summed over the pixels, dx = conv of da with the flipped kernel.
+template <typename V, int N, typename T>
+AT1_INLINE void BackwardBlock(const T* x, const float* w, const float* bias, const T* dy,
+                          const Shape& s, int64_t c0, T* dx, float* dw, float* db, float* da,
+                          float* xf) {
+  constexpr int L = kLanes<V>, K = N * L;
+  const int64_t H = s.H, W = s.W, C = s.C;
+  const Kernel<V, N> k = LoadKernel<V, N>(w, bias, C, c0);
+  const float* xs = Staged<V, N>(x, s, c0, xf);
+  const Shape block{H, W, K};
+  V dbn[N];
+  for (int n = 0; n < N; ++n) dbn[n] = Splat<V>(0.0f);
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t q = 0; q < W; ++q) {
+      V a[N];
+      Taps<V, N>(xs, k, block, r, q, 0, a);
+      const T* dyp = dy + (r * W + q) * C + c0;
+      float* dap = da + (r * W + q) * K;
+      for (int n = 0; n < N; ++n) {
+        const V g = Load<V>(dyp + n * L) * GeluGrad<V>(a[n]);
+        Store<V>(dap + n * L, g);
+        dbn[n] += g;
       }
-      // This pixel's share of the kernel gradient: tap (i, j) saw x[r+i-1, q+j-1].
-      for (int i = 0; i < 3; ++i) {
-        const int64_t yy = r + i - 1;
-        if (yy < 0 || yy >= s.H) continue;
-        for (int j = 0; j < 3; ++j) {
-          const int64_t xj = q + j - 1;
-          if (xj < 0 || xj >= s.W) continue;
-          const T* xp = x + (yy * s.W + xj) * C;
-          float* dwp = dw + (i * 3 + j) * C;
-          for (int64_t c = 0; c < C; ++c) dwp[c] += Load(xp + c) * dap[c];
+    }
+  }
+  for (int n = 0; n < N; ++n) Store<V>(db + c0 + n * L, dbn[n]);
+  // Tap (i, j) of output pixel (r, q) read x[r+i-1, q+j-1]: summed where that pixel exists.
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      V acc[N];
+      for (int n = 0; n < N; ++n) acc[n] = Splat<V>(0.0f);
+      const int64_t r0 = std::max<int64_t>(0, 1 - i), r1 = std::min<int64_t>(H, H + 1 - i);
+      const int64_t q0 = std::max<int64_t>(0, 1 - j), q1 = std::min<int64_t>(W, W + 1 - j);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const float* xp = xs + ((r + i - 1) * W + (q + j - 1)) * K;
+          const float* dap = da + (r * W + q) * K;
+          for (int n = 0; n < N; ++n) acc[n] += Load<V>(xp + n * L) * Load<V>(dap + n * L);
         }
       }
+      for (int n = 0; n < N; ++n) Store<V>(dw + (i * 3 + j) * C + c0 + n * L, acc[n]);
     }
   }
   // dx[r, q] = sum over taps of da[r-i+1, q-j+1] * w[i, j].
-  for (int64_t r = 0; r < s.H; ++r) {
-    for (int64_t q = 0; q < s.W; ++q) {
-      for (int64_t c = 0; c < C; ++c) acc[c] = 0.0f;
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t q = 0; q < W; ++q) {
+      V acc[N];
+      for (int n = 0; n < N; ++n) acc[n] = Splat<V>(0.0f);
       for (int i = 0; i < 3; ++i) {
         const int64_t yy = r - i + 1;
-        if (yy < 0 || yy >= s.H) continue;
+        if (yy < 0 || yy >= H) continue;
         for (int j = 0; j < 3; ++j) {
           const int64_t xj = q - j + 1;
-          if (xj < 0 || xj >= s.W) continue;
-          const float* dap = da + (yy * s.W + xj) * C;
-          const float* wp = w + (i * 3 + j) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += dap[c] * wp[c];
+          if (xj < 0 || xj >= W) continue;
+          const float* dap = da + (yy * W + xj) * K;
+          for (int n = 0; n < N; ++n) acc[n] += Load<V>(dap + n * L) * k.w[i * 3 + j][n];
         }
       }
-      T* dxp = dx + (r * s.W + q) * C;
-      for (int64_t c = 0; c < C; ++c) Store(dxp + c, acc[c]);
+      T* dxp = dx + (r * W + q) * C + c0;
+      for (int n = 0; n < N; ++n) Store<V>(dxp + n * L, acc[n]);
     }
   }
+}
+
+constexpr int kVectors = 2;  // channels per block: 2 x 16
+constexpr int kBlock = kVectors * kLanes<VF>;
+
+// One example's output; `xf` is scratch for H*W*kBlock floats.
+template <typename T>
+AT1_CLONES void ForwardExample(const T* x, const float* w, const float* bias, const Shape& s,
+                               T* y, float* xf) {
+  int64_t c0 = 0;
+  for (; c0 + kBlock <= s.C; c0 += kBlock) ForwardBlock<VF, kVectors>(x, w, bias, s, c0, y, xf);
+  for (; c0 < s.C; ++c0) ForwardBlock<float, 1>(x, w, bias, s, c0, y, xf);
+}
+
+// One example's gradients; `scratch` holds 2*H*W*kBlock floats.
+template <typename T>
+AT1_CLONES void BackwardExample(const T* x, const float* w, const float* bias, const T* dy,
+                                const Shape& s, T* dx, float* dw, float* db, float* scratch) {
+  float* da = scratch;
+  float* xf = scratch + s.H * s.W * kBlock;
+  int64_t c0 = 0;
+  for (; c0 + kBlock <= s.C; c0 += kBlock)
+    BackwardBlock<VF, kVectors>(x, w, bias, dy, s, c0, dx, dw, db, da, xf);
+  for (; c0 < s.C; ++c0) BackwardBlock<float, 1>(x, w, bias, dy, s, c0, dx, dw, db, da, xf);
 }
 
 // Runs body(example, scratch) for every example on the caller and the pool's threads.
@@ -247,19 +390,20 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (y->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("y must have x's dtype");
   const int64_t n = s.H * s.W * s.C;
+  const int64_t scratch = s.H * s.W * kBlock;
   const float* wp = w.typed_data();
   const float* bp = b.typed_data();
   if (x.element_type() == ffi::BF16) {
     auto* xp = static_cast<const uint16_t*>(x.untyped_data());
     auto* yp = static_cast<uint16_t*>(y->untyped_data());
-    ForEachExample(pool, B, s.C, [=](int64_t e, float* acc) {
-      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, acc);
+    ForEachExample(pool, B, scratch, [=](int64_t e, float* xf) {
+      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, xf);
     });
   } else {
     auto* xp = static_cast<const float*>(x.untyped_data());
     auto* yp = static_cast<float*>(y->untyped_data());
-    ForEachExample(pool, B, s.C, [=](int64_t e, float* acc) {
-      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, acc);
+    ForEachExample(pool, B, scratch, [=](int64_t e, float* xf) {
+      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, xf);
     });
   }
   return ffi::Error::Success();
@@ -282,14 +426,14 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   float* dwp = dw->typed_data();
   float* dbp = db->typed_data();
   const int64_t C = s.C;
-  const int64_t scratch = n + C;
+  const int64_t scratch = 2 * s.H * s.W * kBlock;
   if (x.element_type() == ffi::BF16) {
     auto* xp = static_cast<const uint16_t*>(x.untyped_data());
     auto* dyp = static_cast<const uint16_t*>(dy.untyped_data());
     auto* dxp = static_cast<uint16_t*>(dx->untyped_data());
     ForEachExample(pool, B, scratch, [=](int64_t e, float* tmp) {
       BackwardExample(xp + e * n, wp, bp, dyp + e * n, s, dxp + e * n, dwp + e * 9 * C,
-                      dbp + e * C, tmp, tmp + n);
+                      dbp + e * C, tmp);
     });
   } else {
     auto* xp = static_cast<const float*>(x.untyped_data());
@@ -297,7 +441,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
     auto* dxp = static_cast<float*>(dx->untyped_data());
     ForEachExample(pool, B, scratch, [=](int64_t e, float* tmp) {
       BackwardExample(xp + e * n, wp, bp, dyp + e * n, s, dxp + e * n, dwp + e * 9 * C,
-                      dbp + e * C, tmp, tmp + n);
+                      dbp + e * C, tmp);
     });
   }
   return ffi::Error::Success();
