@@ -75,3 +75,16 @@ def test_training_refuses_depthwise_auto_when_hosts_would_differ(monkeypatch):
         run_setup.resolve_numerics(cfg)
     pinned = config.TrainConfig(model=DenoiserConfig(dtype="float32", depthwise="shift"))
     assert run_setup.resolve_numerics(pinned) is pinned
+
+
+def test_training_refuses_native_depthwise_where_it_cannot_run(monkeypatch):
+    from at1_jax.model import depthwise_native
+    from at1_jax.train import config, run_setup
+
+    cfg = config.TrainConfig(model=DenoiserConfig(dtype="float32", depthwise="native"))
+    assert run_setup.resolve_numerics(cfg) is cfg  # it builds on this machine
+    monkeypatch.setattr(depthwise_native, "unavailable_reason", lambda: "no C++ compiler")
+    with pytest.raises(
+        config.ConfigError, match=r"depthwise=.native.: no C\+\+ compiler: pass .*depthwise=auto"
+    ):
+        run_setup.resolve_numerics(cfg)

@@ -1,16 +1,16 @@
 """Depthwise 3×3 convolution ("same" padding), alone or followed by the exact GELU.
 
-Three formulations with equal numbers. `native` (CPU, the default there) runs the fused conv
-+ GELU as one C++ kernel per pass (depthwise_native.py); where it cannot be built, `auto`
-falls back to `shift`. `conv` is XLA's grouped convolution: what cuDNN runs
+Three formulations with equal numbers. `native` (CPU, what `auto` picks there) runs the
+fused conv and GELU as one C++ kernel per pass (depthwise_native.py); where it cannot be
+built, `auto` falls back to `shift`. `conv` is XLA's grouped convolution: what cuDNN runs
 well on GPU. On XLA:CPU it is ~10× slower than PyTorch, almost all of it in the kernel
 gradient, which XLA lowers to a dense convolution. `shift` writes the conv as 9 shifted
-multiply-adds with a hand-written VJP. Both sum the taps in float32 whatever the input
+multiply-adds with a hand-written VJP. All sum the taps in float32 whatever the input
 dtype: XLA:CPU rounds every intermediate of a bf16 elementwise chain to bf16, which is
-slower than float32 arithmetic and loses precision. `depthwise_conv3x3_gelu` fuses the
-conv with the GELU that follows it in the MLP: its backward pass recomputes the conv from
-the input instead of storing the 9 taps or the pre-activation, and sums the kernel
-gradient one band of rows at a time (see docs/performance.md)."""
+slower than float32 arithmetic and loses precision. `shift`'s `depthwise_conv3x3_gelu`
+fuses the conv with the GELU that follows it in the MLP: its backward pass recomputes the
+conv from the input instead of storing the 9 taps or the pre-activation, and sums the
+kernel gradient one band of rows at a time (see docs/performance.md)."""
 
 from __future__ import annotations
 

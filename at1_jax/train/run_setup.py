@@ -11,6 +11,7 @@ from flax import nnx
 
 from at1_jax.checkpointing import model_card
 from at1_jax.checkpointing.load import MissingFiles, card_of, load_model
+from at1_jax.model import depthwise_native
 from at1_jax.model.denoiser import DEPTHWISE, DTYPES, NUMERICS, Denoiser, count_params
 from at1_jax.model.depthwise import auto_impl
 from at1_jax.model.hardware import auto_dtype_reason
@@ -116,6 +117,11 @@ def fit_to_dataset(
 def resolve_numerics(cfg: config.TrainConfig) -> config.TrainConfig:
     """The config with model.dtype "auto" resolved; both "auto"s must mean the same everywhere."""
     dtype_auto, depthwise_auto = cfg.model.dtype == "auto", cfg.model.depthwise == "auto"
+    reason = depthwise_native.unavailable_reason() if cfg.model.depthwise == "native" else None
+    if reason:  # refused here, with the reason, rather than inside the step's compilation
+        raise config.ConfigError(
+            f"config.model.depthwise='native': {reason}: pass --config.model.depthwise=auto"
+        )
     if not (dtype_auto or depthwise_auto):
         return cfg
     dtype, why = auto_dtype_reason() if dtype_auto else (cfg.model.dtype, "")
