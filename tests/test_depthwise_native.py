@@ -159,6 +159,14 @@ def test_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     assert build.library_path() != path
 
 
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AT1_NATIVE_CACHE", str(blocker / "cache"))
+    with pytest.raises(build.NativeBuildError, match=r"cannot write to .*file/cache: .*AT1_NATIVE"):
+        build.build()
+
+
 def test_a_failing_compiler_is_named_and_auto_falls_back_to_shift(tmp_path):
     env = {**os.environ, "AT1_NATIVE_CACHE": str(tmp_path), "CXX": "false --no-such-compiler"}
     code = (

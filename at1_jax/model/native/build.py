@@ -70,8 +70,12 @@ def build() -> Path:
     path = library_path()
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
+    except OSError as e:
+        msg = f"cannot write to {path.parent}: {e} (set AT1_NATIVE_CACHE)"
+        raise NativeBuildError(msg) from None
     os.close(fd)
     try:
         cmd = _command(Path(tmp))
