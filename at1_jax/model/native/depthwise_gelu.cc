@@ -1,12 +1,14 @@
 // gelu(depthwise 3x3 conv + bias) and its gradients, NHWC, as XLA:CPU FFI custom calls.
 //
 // XLA:CPU cannot express this in one pass: it writes each of the 9 taps' shifted products to
-// memory before reducing them (docs/performance.md). Here each example's rows stay in cache:
-// the backward pass recomputes the pre-activation, keeps its cotangent for one example in a
-// float32 scratch (H*W*C*4 bytes: 128 KiB at tld-tiny's MLP, 2 MiB at at1's) and from it
-// forms dx, the kernel gradient and the bias gradient. The math is float32 whatever the
-// storage type (float32 or bfloat16); the kernel and bias gradients are returned per example
-// (B, 9, C) and (B, C), so that the sum over a batch split across devices is XLA's.
+// memory before reducing them (docs/performance.md). Here one example is done at a time, 32
+// channels at a time: the block's inputs are converted to float32 once into a scratch of
+// H*W*32 floats (8 KiB at tld-tiny's 8x8 map, 32 KiB at at1's 16x16), the kernel's taps and
+// the sums stay in vector registers, and the backward pass recomputes the pre-activation and
+// keeps the GELU's cotangent for the block in a second such scratch, from which it forms dx,
+// the kernel gradient and the bias gradient. The math is float32 whatever the storage type
+// (float32 or bfloat16); the kernel and bias gradients are returned per example, (B, 9, C)
+// and (B, C), so that the sum over a batch split across devices is XLA's.
 // Examples are spread over XLA's intra-op thread pool; every thread, the caller included,
 // takes examples from one counter, so the call never waits on a thread that is not working.
 
