@@ -58,18 +58,15 @@ AT1_INLINE V Splat(float f) {
   }
 }
 
+// For vectors the comparison selects lane by lane.
 template <typename V>
 AT1_INLINE V Min(V a, V b) {
-  if constexpr (std::is_same_v<V, float>) {
-    return a < b ? a : b;
-  } else {
-    return a < b ? a : b;  // lane-wise select
-  }
+  return a < b ? a : b;
 }
 
 template <typename V>
 AT1_INLINE V Max(V a, V b) {
-  return Min<V>(b, a) == b ? a : b;
+  return a < b ? b : a;
 }
 
 template <typename To, typename From>
@@ -395,18 +392,18 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const int64_t scratch = s.H * s.W * kBlock;
   const float* wp = w.typed_data();
   const float* bp = b.typed_data();
+  auto run = [&](auto storage) {
+    using T = decltype(storage);
+    auto* xp = static_cast<const T*>(x.untyped_data());
+    auto* yp = static_cast<T*>(y->untyped_data());
+    ForEachExample(pool, B, scratch, [=](int64_t e, float* xf) {
+      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, xf);
+    });
+  };
   if (x.element_type() == ffi::BF16) {
-    auto* xp = static_cast<const uint16_t*>(x.untyped_data());
-    auto* yp = static_cast<uint16_t*>(y->untyped_data());
-    ForEachExample(pool, B, scratch, [=](int64_t e, float* xf) {
-      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, xf);
-    });
+    run(uint16_t{});
   } else {
-    auto* xp = static_cast<const float*>(x.untyped_data());
-    auto* yp = static_cast<float*>(y->untyped_data());
-    ForEachExample(pool, B, scratch, [=](int64_t e, float* xf) {
-      ForwardExample(xp + e * n, wp, bp, s, yp + e * n, xf);
-    });
+    run(float{});
   }
   return ffi::Error::Success();
 }
@@ -429,22 +426,20 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   float* dbp = db->typed_data();
   const int64_t C = s.C;
   const int64_t scratch = 2 * s.H * s.W * kBlock;
+  auto run = [&](auto storage) {
+    using T = decltype(storage);
+    auto* xp = static_cast<const T*>(x.untyped_data());
+    auto* dyp = static_cast<const T*>(dy.untyped_data());
+    auto* dxp = static_cast<T*>(dx->untyped_data());
+    ForEachExample(pool, B, scratch, [=](int64_t e, float* tmp) {
+      BackwardExample(xp + e * n, wp, bp, dyp + e * n, s, dxp + e * n, dwp + e * 9 * C,
+                      dbp + e * C, tmp);
+    });
+  };
   if (x.element_type() == ffi::BF16) {
-    auto* xp = static_cast<const uint16_t*>(x.untyped_data());
-    auto* dyp = static_cast<const uint16_t*>(dy.untyped_data());
-    auto* dxp = static_cast<uint16_t*>(dx->untyped_data());
-    ForEachExample(pool, B, scratch, [=](int64_t e, float* tmp) {
-      BackwardExample(xp + e * n, wp, bp, dyp + e * n, s, dxp + e * n, dwp + e * 9 * C,
-                      dbp + e * C, tmp);
-    });
+    run(uint16_t{});
   } else {
-    auto* xp = static_cast<const float*>(x.untyped_data());
-    auto* dyp = static_cast<const float*>(dy.untyped_data());
-    auto* dxp = static_cast<float*>(dx->untyped_data());
-    ForEachExample(pool, B, scratch, [=](int64_t e, float* tmp) {
-      BackwardExample(xp + e * n, wp, bp, dyp + e * n, s, dxp + e * n, dwp + e * 9 * C,
-                      dbp + e * C, tmp);
-    });
+    run(float{});
   }
   return ffi::Error::Success();
 }
