@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_depthwise import _gelu64, _numpy_reference
 
 from at1_jax.model import depthwise, depthwise_native
 from at1_jax.model.native import build
@@ -20,13 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _reference64(x, w, b):
     """gelu(conv + b) and its pre-activation, in float64."""
-    _, H, W, _ = x.shape
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    a = np.broadcast_to(b, x.shape).astype(np.float64).copy()
-    for i in range(3):
-        for j in range(3):
-            a += xp[:, i : i + H, j : j + W, :] * w[i, j]
-    return 0.5 * a * (1.0 + np.vectorize(math.erf)(a / math.sqrt(2.0))), a
+    a = _numpy_reference(x, w, b)
+    return _gelu64(a), a
 
 
 def _grads64(x, w, b, dy):
@@ -153,7 +149,8 @@ def test_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("AT1_NATIVE_CACHE", str(tmp_path))
     path = build.build()
     assert path.parent == tmp_path and path.suffix == ".so"
-    assert build.build() == path  # cached: not rebuilt
+    built = path.stat().st_mtime_ns
+    assert build.build() == path and path.stat().st_mtime_ns == built  # cached: not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
     monkeypatch.setenv("CXX", "g++ -DAT1_OTHER")
     assert build.library_path() != path
