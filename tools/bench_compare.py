@@ -116,7 +116,7 @@ def jax_worker(spec: dict) -> None:
     from at1_jax.model.denoiser import DenoiserConfig
     from at1_jax.model.hardware import auto_dtype_reason
     from at1_jax.model.objective import ObjectiveConfig
-    from at1_jax.train import sharding
+    from at1_jax.train import host_memory, sharding
     from at1_jax.train import step as train_step
     from at1_jax.train.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
 
@@ -139,10 +139,12 @@ def jax_worker(spec: dict) -> None:
     batch = train_step.global_batch(
         _synthetic_batch(spec["model"], spec["batch"]), state_spec, spec["batch"]
     )
-    step = train_step.make_train_step(cfg, tx, state_spec, 1.0)
+    jitted = train_step.make_train_step(cfg, tx, state_spec, 1.0)
     if spec["xla_options"]:
         options = {k: _option_value(v) for k, v in spec["xla_options"].items()}
-        step = step.lower(state_spec.abstract, batch).compile(compiler_options=options)
+        step = jitted.lower(state_spec.abstract, batch).compile(compiler_options=options)
+    else:  # as the trainer compiles it
+        step = host_memory.compile_step(jitted, state_spec.abstract, batch)
     box = {"state": state}
 
     def start():

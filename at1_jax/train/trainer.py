@@ -21,7 +21,7 @@ import numpy as np
 from at1_io import schema
 from at1_jax.checkpointing import checkpoints as checkpoint
 from at1_jax.model.flops import analytic_train_flops
-from at1_jax.train import config, data, distributed, reporting, sharding, validation
+from at1_jax.train import config, data, distributed, host_memory, reporting, sharding, validation
 from at1_jax.train import step as train_step
 from at1_jax.train.export import WEIGHTS_DIR, RunFailure, export_ema, exported_step
 from at1_jax.train.reporting import Reporter, say
@@ -196,7 +196,7 @@ def _train(cfg, pinned, stop, closers) -> int:
     if latest is not None:
         say(f"resuming from step {start} of {cfg.steps} ({where})")
     say(f"compiling the train step ({param_count(cfg.model):,} parameters)…")
-    step_fn = jitted.lower(spec.abstract, first).compile()
+    step_fn = host_memory.compile_step(jitted, spec.abstract, first)
     if stop.should_stop(start):
         return _stopped_early(latest)
     flops = analytic_train_flops(cfg.model) * cfg.data.batch_size  # model FLOPs, for MFU
