@@ -51,7 +51,8 @@ def test_split_that_would_grow_the_temporaries_is_not_used():
     assert chosen.memory_analysis().temp_size_in_bytes == plain
 
 
-# Twelve live 4 MiB products: ~48 MiB of temporaries, every buffer smaller than a heap.
+# Twelve 4 MiB products, most alive at once: 44 MiB of temporaries, every buffer smaller
+# than a heap.
 _FAULTS = textwrap.dedent(
     """
     import json, resource, sys
