@@ -165,6 +165,10 @@ def test_cli_turns_a_bad_override_into_one_error_line(capsys):
         ),
         ("--config.mesh.fsdp=0", "config.mesh.fsdp must be >= 1 or -1, got 0"),
         (
+            "--config.mesh.grad_reduce=ring",
+            "config.mesh.grad_reduce must be auto or flat or xla, got 'ring'",
+        ),
+        (
             "--config.checkpoint.retry_seconds=0",
             "config.checkpoint.retry_seconds must be > 0 (seconds), got 0.0",
         ),

@@ -1,7 +1,10 @@
 """Logical axes → mesh: mesh construction and partition rules."""
 
+import dataclasses
+
 import jax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from at1_jax.train import sharding
@@ -99,6 +102,32 @@ def test_sharded_step_synchronises_devices_once_outside_any_loop():
 
     hlo = _compile_train_step(get_config()).as_text()
     assert _collectives_by_computation(hlo) == {"ENTRY": ["all-reduce"]}
+
+
+def test_flat_grad_reduce_sums_gradients_and_loss_as_one_buffer():
+    """gloo sums a tuple one array at a time, a TCP ring each: the flat step has one array."""
+    import re
+
+    from at1_demo.config import get_config
+    from at1_jax.train.run_setup import param_count
+
+    cfg = get_config()
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, grad_reduce="flat"))
+    hlo = _compile_train_step(cfg).as_text()
+    assert _collectives_by_computation(hlo) == {"ENTRY": ["all-reduce"]}
+    shapes = re.findall(r"= (.+?) all-reduce(?:-start)?\(", hlo)
+    assert shapes == [f"f32[{param_count(cfg.model) + 1}]{{0}}"]
+
+
+def test_grad_reduce_modes_resolve_by_platform_processes_and_sharding():
+    mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    whole = {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P(None))}
+    split = {**whole, "k": NamedSharding(mesh, P("fsdp"))}
+    assert sharding.split_arrays(whole) == 0 and sharding.split_arrays(split) == 1
+    assert sharding.flat_grad_reduce("flat", whole, mesh)
+    assert not sharding.flat_grad_reduce("xla", whole, mesh)
+    # One process: XLA's in-process all-reduce sums the tuple at once; auto leaves it.
+    assert not sharding.flat_grad_reduce("auto", whole, mesh)
 
 
 REMAT = "Involuntary full rematerialization"

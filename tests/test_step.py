@@ -11,7 +11,7 @@ from at1_jax.model.objective import ObjectiveConfig
 from at1_jax.model.presets import PRESETS
 from at1_jax.train import sharding
 from at1_jax.train import step as train_step
-from at1_jax.train.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+from at1_jax.train.config import ConfigError, DataConfig, MeshConfig, OptimConfig, TrainConfig
 
 MODEL = dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, depth=2, text_dim=16)
 
@@ -113,6 +113,39 @@ def test_tensor_parallel_mesh_gives_the_same_step():
     assert l2 == pytest.approx(l1, rel=1e-5)
     for a, b in zip(jax.tree.leaves(mu1), jax.tree.leaves(mu2), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.mark.slow
+def test_flat_gradient_reduce_gives_the_same_step():
+    # The default min_fsdp_mib keeps the tiny model's weights whole: both paths apply.
+    results = []
+    for grad_reduce, accum in (("xla", 1), ("flat", 1), ("flat", 2)):
+        mesh_cfg = MeshConfig(data=2, fsdp=2, grad_reduce=grad_reduce)
+        cfg = dataclasses.replace(_cfg(grad_accum=accum), mesh=mesh_cfg)
+        tx, spec, state = _setup(cfg)
+        assert train_step.grad_reduce(cfg, spec) == grad_reduce
+        state, m = train_step.make_train_step(cfg, tx, spec, 1.0)(state, _batch(spec))
+        results.append((float(m["loss"]), float(m["grad_norm"]), _host(state["opt"][0].mu)))
+    (l1, g1, mu1), *flat = results
+    for lf, gf, muf in flat:
+        # Per-device means summed over 4 devices (and 2 micro-batches) instead of XLA's
+        # partial sums: fp32 reassociation, ~1e-7 relative, ~1e-6 of each leaf's scale.
+        assert lf == pytest.approx(l1, rel=1e-5)
+        assert gf == pytest.approx(g1, rel=1e-5)
+        for a, b in zip(jax.tree.leaves(mu1), jax.tree.leaves(muf), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_flat_gradient_reduce_refuses_split_weights():
+    cfg = _cfg()  # min_fsdp_mib=0: every weight split over fsdp
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, grad_reduce="flat"))
+    tx = train_step.make_optimizer(cfg.optim, cfg.steps)
+    mesh = sharding.make_mesh(2, 2, devices=jax.devices()[:4])
+    spec = train_step.state_spec(cfg, tx, mesh)
+    want = r"grad_reduce='flat' needs every parameter replicated; \d+ arrays are split "
+    want += r"\(mesh.fsdp=2, mesh.tensor=1, mesh.min_fsdp_mib=0\): use 'auto' or 'xla'"
+    with pytest.raises(ConfigError, match=want):
+        train_step.make_train_step(cfg, tx, spec, 1.0)
 
 
 @pytest.mark.slow

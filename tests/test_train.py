@@ -43,7 +43,7 @@ def get_config():
         objective=ObjectiveConfig(cfg_drop=0.2),
         data=DataConfig(path={data!r}, batch_size=8, shuffle_shards=2, streams=2),
         optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=1.0, ema_decay=0.9),
-        mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib=0),  # split every weight: tests FSDP
+        mesh=MeshConfig(data=2, fsdp=2, min_fsdp_mib={min_fsdp_mib}),  # 0: split every weight
         checkpoint=CheckpointConfig(dir={ckpt!r}, every={every}, keep=3, async_save={async_save}),
         log=LogConfig(every=1, tensorboard={tb}, sample_every=0, val_every={val_every}),
     )
@@ -51,10 +51,20 @@ def get_config():
 
 
 def write_config(
-    tmp_path, name, data, steps=6, every=3, ckpt="", async_save=True, tb=False, val_every=0
+    tmp_path,
+    name,
+    data,
+    steps=6,
+    every=3,
+    ckpt="",
+    async_save=True,
+    tb=False,
+    val_every=0,
+    min_fsdp_mib=0.0,
 ):
     run_dir = str(tmp_path / name)
     text = CONFIG.format(
+        min_fsdp_mib=min_fsdp_mib,
         run_dir=run_dir,
         steps=steps,
         data=data,
@@ -635,18 +645,27 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(tmp_path, da
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_two_processes_match_one_process(tmp_path, dataset):
-    one = write_config(tmp_path, "one", dataset, steps=5, every=5, val_every=1)
+@pytest.mark.parametrize(
+    "min_fsdp_mib, flat_across_processes",
+    [(0.0, False), (4.0, True)],  # every weight split over fsdp; every weight whole
+)
+def test_two_processes_match_one_process(tmp_path, dataset, min_fsdp_mib, flat_across_processes):
+    run = dict(steps=5, every=5, val_every=1, min_fsdp_mib=min_fsdp_mib)
+    one = write_config(tmp_path, "one", dataset, **run)
     code, out = finish(run_cli(["--config", one]))
     assert code == 0, out[-3000:]
-    two = write_config(tmp_path, "two", dataset, steps=5, every=5, val_every=1)
+    two = write_config(tmp_path, "two", dataset, **run)
     launcher = subprocess.Popen(
         [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2", "--",
          sys.executable, "-m", "at1_jax.train", "--config", two],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    code, out = finish(launcher)
-    assert code == 0, out[-3000:]
+    code, out_two = finish(launcher)
+    assert code == 0, out_two[-3000:]
+    # Whole weights across processes (gloo): the gradients summed as one flat buffer
+    # (shard_map); in one process, and with split weights, where XLA places the all-reduces.
+    flat = "gradients: one flat all-reduce per step (mesh.grad_reduce=auto)"
+    assert (flat in out_two) == flat_across_processes and flat not in out
     a, meta_a = final_state(one)
     b, meta_b = final_state(two)
     assert meta_a["data_positions"] == meta_b["data_positions"]

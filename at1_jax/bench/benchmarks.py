@@ -22,6 +22,7 @@ from at1_jax.model.flops import analytic_train_flops, compiled_flops, peak_flops
 from at1_jax.model.hardware import resolve_dtype
 from at1_jax.model.objective import x0_loss
 from at1_jax.model.presets import PRESETS, get_preset
+from at1_jax.train.sharding import GRAD_REDUCE
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 DTYPE_HELP = "compute dtype; auto: bfloat16 where the hardware has fast bfloat16 dot products"
@@ -159,10 +160,12 @@ def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
     batch = train_step.global_batch(local, spec, cfg.data.batch_size)
     t0 = time.perf_counter()
     jitted = train_step.make_train_step(cfg, tx, spec, 1.0)
+    grad_reduce = train_step.grad_reduce(cfg, spec)
     step = host_memory.compile_step(jitted, spec.abstract, batch)  # as the trainer compiles it
     per_device = compiled_flops(step)
     out = {
         "compile_s": time.perf_counter() - t0,
+        "grad_reduce": grad_reduce,
         # MFU counts model FLOPs (fwd+bwd matmuls), as is usual; the hardware count below
         # also includes elementwise work and anything replicated across devices.
         "model_flops": analytic_train_flops(cfg.model) * cfg.data.batch_size,
@@ -258,13 +261,15 @@ def _main_train(args) -> int:
             model=model,
             data=DataConfig(path="synthetic", batch_size=args.batch),
             optim=OptimConfig(grad_accum=args.grad_accum, clip_norm=1.0),
-            mesh=MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor),
+            mesh=MeshConfig(
+                data=args.data, fsdp=args.fsdp, tensor=args.tensor, grad_reduce=args.grad_reduce
+            ),
         )
         check_train_setup(cfg)
+        r = bench_train(cfg, args.steps, args.profile)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = bench_train(cfg, args.steps, args.profile)
     temp = _fmt(r["temp_gib"] and r["temp_gib"] * 1024, ".1f")
     cpu_line = (
         f"this process: CPU {r['cpu_s_per_step']:.3f} s/step "
@@ -282,7 +287,8 @@ def _main_train(args) -> int:
     print(
         f"preset={args.preset} batch={args.batch} dtype={resolve_dtype(args.dtype)} "
         f"remat={args.remat} "
-        f"mesh=data:{args.data},fsdp:{args.fsdp},tensor:{args.tensor} accum={args.grad_accum}"
+        f"mesh=data:{args.data},fsdp:{args.fsdp},tensor:{args.tensor} accum={args.grad_accum} "
+        f"grad_reduce={r['grad_reduce']}"
     )
     print(
         f"images/s {r['images_per_s']:.2f} | step {r['step_s']:.3f} s | "
@@ -349,6 +355,12 @@ def main(argv=None) -> int:
     t.add_argument("--fsdp", type=int, default=1)
     t.add_argument("--tensor", type=int, default=1)
     t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument(
+        "--grad-reduce",
+        choices=GRAD_REDUCE,
+        default="auto",
+        help="gradients summed as XLA places them or as one flat buffer (mesh.grad_reduce)",
+    )
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     t.add_argument("--depthwise", choices=DEPTHWISE, default="auto")
     t.add_argument("--remat", action="store_true")

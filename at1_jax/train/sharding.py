@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+GRAD_REDUCE = ("auto", "flat", "xla")  # MeshConfig.grad_reduce
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # FSDP over the model width; tensor parallelism over attention projections and MLP hidden.
@@ -117,7 +118,27 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
     return model
 
 
+def batch_axes(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the batch is split over."""
+    spec = batch_sharding(mesh, rules).spec[0] or ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     """How many ways the batch is split: global batches must be a multiple of it."""
-    spec = batch_sharding(mesh, rules).spec[0] or ()
-    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, rules)]))
+
+
+def split_arrays(shardings) -> int:
+    """How many arrays of a pytree of NamedShardings are split over some mesh axis."""
+    return sum(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
+def flat_grad_reduce(mode: str, shardings, mesh: Mesh) -> bool:
+    """Whether the step sums gradients as one flat buffer (MeshConfig.grad_reduce)."""
+    if mode != "auto":
+        return mode == "flat"
+    # gloo, XLA:CPU's transport between processes, runs a tuple all-reduce one array at a
+    # time, a TCP ring each; NCCL and in-process collectives sum the tuple in one go.
+    cross_process = mesh.devices.flat[0].platform == "cpu" and jax.process_count() > 1
+    return cross_process and split_arrays(shardings) == 0

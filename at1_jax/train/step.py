@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from at1_jax.model.denoiser import Denoiser, DenoiserConfig
 from at1_jax.model.objective import ema_update, training_targets, x0_loss
 from at1_jax.train import sharding
-from at1_jax.train.config import OptimConfig, TrainConfig
+from at1_jax.train.config import ConfigError, OptimConfig, TrainConfig
 
 # Purposes of the per-step key, split from fold_in(key(seed), step).
 _INIT, _LATENT, _OBJECTIVE, _DROPOUT = range(4)
@@ -131,11 +133,68 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def _micro_batches(x, n: int, mesh: Mesh, batch_spec):
-    """(B, …) → (n, B/n, …) so that every micro-batch is spread over all data devices."""
-    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-    spec = PartitionSpec(None, *batch_spec)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def _micro_batches(x, n: int):
+    """(B, …) → (n, B/n, …): micro-batch i holds examples i, n + i, 2n + i, …"""
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _accumulated(grad_fn, params, buffers, args, k_drop, accum: int, constrain=None):
+    """(loss, grads) over `args` in `accum` micro-batches: means of the micro-batch means."""
+    if accum == 1:
+        return grad_fn(params, buffers, *args, k_drop)
+    micro = [_micro_batches(a, accum) for a in args]
+    if constrain is not None:
+        micro = [constrain(m) for m in micro]
+
+    def body(carry, i):
+        loss_sum, grad_sum = carry
+        key = jax.random.fold_in(k_drop, i)
+        loss, grads = grad_fn(params, buffers, *(m[i] for m in micro), key)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), jnp.arange(accum))
+    return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+
+def _flat_reduced(grad_fn, mesh: Mesh, axes: tuple[str, ...], accum: int):
+    """(loss, grads) per device over its part of the batch, then one all-reduce of both.
+
+    The gradients leave shard_map as one flat buffer summed over `axes` (the batch axes);
+    parameters and buffers must be replicated. Dropout keys fold in the device's batch
+    shard, so masks depend on the batch split (the loss and gradients otherwise do not).
+    """
+    n = math.prod(mesh.shape[a] for a in axes)
+    part = PartitionSpec(axes)
+
+    def local(params, buffers, x_noisy, sigma, text, x, k_drop):
+        k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(axes))
+        args = (x_noisy, sigma, text, x)
+        loss, grads = _accumulated(grad_fn, params, buffers, args, k_drop, accum)
+        flat, unravel = ravel_pytree(grads)
+        total = jax.lax.psum(jnp.concatenate([flat, loss[None].astype(flat.dtype)]), axes) / n
+        return total[-1].astype(loss.dtype), unravel(total[:-1])
+
+    specs = (PartitionSpec(), PartitionSpec(), part, part, part, part, PartitionSpec())
+    # Without replication checks, the gradient of a replicated input is this device's own;
+    # with them, JAX would sum it over `axes` array by array: the all-reduces replaced here.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False
+    )
+
+
+def grad_reduce(cfg: TrainConfig, spec: StateSpec) -> str:
+    """How the step sums gradients: "flat" or "xla" (config.mesh.grad_reduce, resolved)."""
+    arrays = (spec.shardings["params"], spec.shardings["buffers"])
+    if not sharding.flat_grad_reduce(cfg.mesh.grad_reduce, arrays, spec.mesh):
+        return "xla"
+    if split := sharding.split_arrays(arrays):
+        raise ConfigError(
+            f"config.mesh.grad_reduce='flat' needs every parameter replicated; {split} arrays "
+            f"are split (mesh.fsdp={cfg.mesh.fsdp}, mesh.tensor={cfg.mesh.tensor}, "
+            f"mesh.min_fsdp_mib={cfg.mesh.min_fsdp_mib}): use 'auto' or 'xla'"
+        )
+    return "flat"
 
 
 def make_train_step(
@@ -155,6 +214,10 @@ def make_train_step(
         return x0_loss(pred, x)
 
     grad_fn = jax.value_and_grad(loss_fn)
+    axes = sharding.batch_axes(spec.mesh, cfg.mesh.rules)
+    flat = grad_reduce(cfg, spec) == "flat"
+    flat_grads = _flat_reduced(grad_fn, spec.mesh, axes, accum) if flat else None
+    batch_constraint = NamedSharding(spec.mesh, PartitionSpec(None, *spec.batch.spec))
 
     def step(state, batch):
         key = jax.random.fold_in(base_key, state["step"])
@@ -171,21 +234,12 @@ def make_train_step(
         k_drop = jax.random.fold_in(key, _DROPOUT)
         params, buffers = state["params"], state["buffers"]
         args = (inputs.x_noisy, inputs.sigma, inputs.text, x)
-        if accum == 1:
-            loss, grads = grad_fn(params, buffers, *args, k_drop)
+        if flat_grads is not None:
+            loss, grads = flat_grads(params, buffers, *args, k_drop)
         else:
-            micro = [_micro_batches(a, accum, spec.mesh, spec.batch.spec) for a in args]
-
-            def body(carry, i):
-                loss_sum, grad_sum = carry
-                loss, grads = grad_fn(
-                    params, buffers, *(m[i] for m in micro), jax.random.fold_in(k_drop, i)
-                )
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), jnp.arange(accum))
-            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+            # Every micro-batch spread over all data devices.
+            constrain = lambda m: jax.lax.with_sharding_constraint(m, batch_constraint)  # noqa: E731
+            loss, grads = _accumulated(grad_fn, params, buffers, args, k_drop, accum, constrain)
         grad_norm = optax.global_norm(grads)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)

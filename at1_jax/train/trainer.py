@@ -193,6 +193,9 @@ def _train(cfg, pinned, stop, closers) -> int:
     closers.append(("stopping the data reader", reader.close))
     first = train_step.global_batch(reader.next(), spec, cfg.data.batch_size)
     jitted = train_step.make_train_step(cfg, tx, spec, ds.latent_scale)
+    if train_step.grad_reduce(cfg, spec) == "flat":
+        how = cfg.mesh.grad_reduce
+        log.info("gradients: one flat all-reduce per step (mesh.grad_reduce=%s)", how)
     if latest is not None:
         say(f"resuming from step {start} of {cfg.steps} ({where})")
     say(f"compiling the train step ({param_count(cfg.model):,} parameters)…")
