@@ -43,7 +43,8 @@ def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
         m["name"]: m
         for m in re.finditer(
             r"^  (?P<name>1x4|2x2) +(?P<procs>\d+) +(?P<devs>\d+) +(?P<lo>[\d.]+) +"
-            r"(?P<med>[\d.]+) +(?P<ips>[\d.]+) +(?P<cpu>[\d.]+) +(?P<cores>[\d.]+)$",
+            r"(?P<med>[\d.]+) +(?P<ips>[\d.]+) +(?P<cpu>[\d.]+) +(?P<cores>[\d.]+) "
+            r"(?P<grads>flat|xla)$",
             out,
             re.M,
         )
@@ -51,6 +52,8 @@ def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
     assert set(rows) == {"1x4", "2x2"}, out
     assert (rows["1x4"]["procs"], rows["2x2"]["procs"]) == ("1", "2")
     assert rows["1x4"]["devs"] == rows["2x2"]["devs"] == "4"
+    # tld-tiny's weights stay whole: one flat all-reduce across processes, XLA's in one.
+    assert (rows["1x4"]["grads"], rows["2x2"]["grads"]) == ("xla", "flat")
     for row in rows.values():
         assert 0 < float(row["lo"]) <= float(row["med"]) and float(row["ips"]) > 0
         # All processes' CPU over the step: more than none, at most this machine's cores.
@@ -75,6 +78,7 @@ def test_train_benchmark_across_two_processes_reports_once():
     cpu = sorted(line[:5] for line in out.splitlines() if "this process: CPU" in line)
     assert cpu == ["[p0] ", "[p1] "], out  # each process's CPU time, for the run's total
     assert "[p0] backend=cpu device=cpu x4 processes=2 devices=4" in out, out
+    assert "mesh=data:2,fsdp:2,tensor:1 accum=1 grad_reduce=flat\n" in out, out
 
 
 def test_a_failing_run_stops_the_comparison_with_its_error():

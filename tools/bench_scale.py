@@ -9,7 +9,9 @@ through launch/local.py as 2 processes with 2 devices each, joined by jax.distri
 take turns for `--rounds` rounds, the order flipping every round, so that other jobs on the
 machine load both alike. The figure is the ratio of the median step times; nothing here is
 asserted. Beside it, the CPU time all of a run's processes spent per step (and so how many
-cores they kept busy): on one machine, what a second runtime costs shows up there.
+cores they kept busy): on one machine, what a second runtime costs shows up there. "grads"
+is how each configuration's step summed its gradients (mesh.grad_reduce=auto resolved):
+one flat all-reduce across processes, where XLA placed them in one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TOLERANCE = 0.10
 FIGURES = re.compile(r"images/s ([\d.]+) \| step ([\d.]+) s")
 CPU = re.compile(r"this process: CPU ([\d.]+) s/step")  # one line from every process
 HEADER = re.compile(r"processes=(\d+) devices=(\d+)")
+GRADS = re.compile(r" grad_reduce=(\w+)")  # how the step summed gradients: flat or xla
 # Set by launch/local.py for its children; inherited ones would make the 1x4 run try to join.
 JOB_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -64,8 +67,8 @@ def command(name: str, args) -> list[str]:
     return [*launcher, "--devices-per-process", str(devices), "--", *bench]
 
 
-def run_once(name: str, args) -> tuple[float, float]:
-    """One run of a configuration: its step time and its processes' CPU time per step."""
+def run_once(name: str, args) -> tuple[float, float, str]:
+    """One run of a configuration: step time, its processes' CPU time per step, grad_reduce."""
     processes, devices = CONFIGS[name]
     try:
         run = subprocess.run(
@@ -85,6 +88,7 @@ def run_once(name: str, args) -> tuple[float, float]:
     figures = FIGURES.findall(output)
     header = HEADER.findall(output)
     cpu = [float(c) for c in CPU.findall(output)]
+    grads = GRADS.findall(output)
     if code != 0:
         raise RunFailed(name, f"exit code {code}", output)
     if len(figures) != 1 or header != [(str(processes), str(processes * devices))]:
@@ -93,22 +97,25 @@ def run_once(name: str, args) -> tuple[float, float]:
         raise RunFailed(name, why, output)
     if len(cpu) != processes:
         raise RunFailed(name, f"expected {processes} CPU lines, got {len(cpu)}", output)
-    return float(figures[0][1]), sum(cpu)
+    if len(grads) != 1:
+        raise RunFailed(name, f"expected one grad_reduce= in the header, got {grads}", output)
+    return float(figures[0][1]), sum(cpu), grads[0]
 
 
-def report(args, steps: dict, cpu: dict, load: tuple[float, float]) -> str:
+def report(args, steps: dict, cpu: dict, grads: dict, load: tuple[float, float]) -> str:
     """The comparison table (with the CPU time all processes spent), the ratio, the verdict."""
     lines = [
         f"preset={args.preset} batch={args.batch} dtype={args.dtype} steps={args.steps} "
         f"rounds={args.rounds} mesh=data:{DATA},fsdp:{FSDP} load={load[0]:.1f}->{load[1]:.1f}",
         f"  {'config':6} {'processes':>9} {'devices':>7} {'step s min':>10} {'median':>7} "
-        f"{'img/s':>8} {'CPU s/step':>10} {'cores':>5}",
+        f"{'img/s':>8} {'CPU s/step':>10} {'cores':>5} grads",
     ]
     for name, (processes, devices) in CONFIGS.items():
         median, cpu_s = statistics.median(steps[name]), statistics.median(cpu[name])
         lines.append(
             f"  {name:6} {processes:9d} {processes * devices:7d} {min(steps[name]):10.3f} "
-            f"{median:7.3f} {args.batch / median:8.2f} {cpu_s:10.3f} {cpu_s / median:5.2f}"
+            f"{median:7.3f} {args.batch / median:8.2f} {cpu_s:10.3f} {cpu_s / median:5.2f} "
+            f"{grads[name]}"
         )
     ratio = statistics.median(steps["2x2"]) / statistics.median(steps["1x4"])
     rounds = [a / b for a, b in zip(steps["2x2"], steps["1x4"], strict=True)]
@@ -139,11 +146,12 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     steps = {name: [] for name in CONFIGS}
     cpu = {name: [] for name in CONFIGS}
+    grads = {}
     try:
         for i in range(args.rounds):
             order = list(CONFIGS) if i % 2 == 0 else list(reversed(CONFIGS))
             for name in order:
-                step_s, cpu_s = run_once(name, args)
+                step_s, cpu_s, grads[name] = run_once(name, args)
                 steps[name].append(step_s)
                 cpu[name].append(cpu_s)
                 print(f"round {i + 1}/{args.rounds}: {name} step {steps[name][-1]:.3f} s",
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
         print(f"{name} run failed ({why}): {' '.join(command(name, args))}", file=sys.stderr)
         print(tail, file=sys.stderr)
         return 1
-    print(report(args, steps, cpu, (load, os.getloadavg()[0])), flush=True)
+    print(report(args, steps, cpu, grads, (load, os.getloadavg()[0])), flush=True)
     return 0
 
 
