@@ -35,7 +35,7 @@ def run(cmd, timeout):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
-    args = ["--preset", "tld-tiny", "--batch", "8", "--steps", "2", "--rounds", "1"]
+    args = ["--presets", "tld-tiny", "--batch", "8", "--steps", "2", "--rounds", "1"]
     code, out, err = run([sys.executable, str(TOOL), *args], timeout=540)
     assert code == 0, (out + err)[-3000:]
     assert "preset=tld-tiny batch=8 dtype=auto steps=2 rounds=1 mesh=data:2,fsdp:2" in out

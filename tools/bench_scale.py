@@ -1,17 +1,19 @@
 """Multi-process against one process on this CPU: 2 processes × 2 devices vs 1 × 4 devices.
 
-    make bench-scale                                     # at1, global batch 32, dtype auto
-    python tools/bench_scale.py --preset tld-tiny --batch 8 --steps 2 --rounds 1
+    make bench-scale                    # tld-tiny, then at1; global batch 32, dtype auto
+    python tools/bench_scale.py --presets tld-tiny --batch 8 --steps 2 --rounds 1
 
 Both configurations run `python -m at1_jax.bench train` with the same preset, global batch
 and (data=2, fsdp=2) mesh over 4 fake CPU devices: once as one process with 4 devices, once
 through launch/local.py as 2 processes with 2 devices each, joined by jax.distributed. They
 take turns for `--rounds` rounds, the order flipping every round, so that other jobs on the
-machine load both alike. The figure is the ratio of the median step times; nothing here is
-asserted. Beside it, the CPU time all of a run's processes spent per step (and so how many
-cores they kept busy): on one machine, what a second runtime costs shows up there. "grads"
-is how each configuration's step summed its gradients (mesh.grad_reduce=auto resolved):
-one flat all-reduce across processes, where XLA placed them in one.
+machine load both alike. The figure, per preset, is the ratio of the median step times;
+nothing here is asserted. `tld-tiny` is configs/cpu.py's model, the one launch/local.py
+runs on CPU in the docs; `at1` all-reduces 26x its gradient bytes every step. Beside the
+times, the CPU time all of a run's processes spent per step (and so how many cores they
+kept busy): on one machine, what a second runtime costs shows up there. "grads" is how each
+configuration's step summed its gradients (mesh.grad_reduce=auto resolved): one flat
+all-reduce across processes, where XLA placed them in one.
 """
 
 from __future__ import annotations
@@ -55,10 +57,15 @@ def child_env(devices: int) -> dict:
     return env
 
 
-def command(name: str, args) -> list[str]:
+def default_steps(preset: str) -> int:
+    """Timed steps per run when --steps is 0: ~2 s of `tld-tiny`, ~12 s of `at1` on 2 cores."""
+    return 40 if preset == "tld-tiny" else 5
+
+
+def command(name: str, preset: str, steps: int, args) -> list[str]:
     """The `bench train` command line of one configuration."""
-    bench = [sys.executable, "-m", "at1_jax.bench", "train", "--preset", args.preset]
-    bench += ["--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype]
+    bench = [sys.executable, "-m", "at1_jax.bench", "train", "--preset", preset]
+    bench += ["--batch", str(args.batch), "--steps", str(steps), "--dtype", args.dtype]
     bench += ["--data", str(DATA), "--fsdp", str(FSDP)]
     processes, devices = CONFIGS[name]
     if processes == 1:
@@ -67,12 +74,12 @@ def command(name: str, args) -> list[str]:
     return [*launcher, "--devices-per-process", str(devices), "--", *bench]
 
 
-def run_once(name: str, args) -> tuple[float, float, str]:
+def run_once(name: str, preset: str, steps: int, args) -> tuple[float, float, str]:
     """One run of a configuration: step time, its processes' CPU time per step, grad_reduce."""
     processes, devices = CONFIGS[name]
     try:
         run = subprocess.run(
-            command(name, args),
+            command(name, preset, steps, args),
             cwd=ROOT,
             env=child_env(devices),
             stdout=subprocess.PIPE,
@@ -102,10 +109,12 @@ def run_once(name: str, args) -> tuple[float, float, str]:
     return float(figures[0][1]), sum(cpu), grads[0]
 
 
-def report(args, steps: dict, cpu: dict, grads: dict, load: tuple[float, float]) -> str:
+def report(
+    args, preset: str, n_steps: int, steps: dict, cpu: dict, grads: dict, load: tuple
+) -> str:
     """The comparison table (with the CPU time all processes spent), the ratio, the verdict."""
     lines = [
-        f"preset={args.preset} batch={args.batch} dtype={args.dtype} steps={args.steps} "
+        f"preset={preset} batch={args.batch} dtype={args.dtype} steps={n_steps} "
         f"rounds={args.rounds} mesh=data:{DATA},fsdp:{FSDP} load={load[0]:.1f}->{load[1]:.1f}",
         f"  {'config':6} {'processes':>9} {'devices':>7} {'step s min':>10} {'median':>7} "
         f"{'img/s':>8} {'CPU s/step':>10} {'cores':>5} grads",
@@ -132,17 +141,28 @@ def main(argv=None) -> int:
         prog="python tools/bench_scale.py", description=__doc__,
         formatter_class=DefaultsHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--preset", default="at1")
+    p.add_argument("--presets", "--preset", dest="presets", default="tld-tiny,at1",
+                   help="comma-separated; each compared on its own")  # fmt: skip
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32,
                    help="global batch, both configurations")  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 where the CPU has bf16 dot products")  # fmt: skip
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run, after a warm-up")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per run, after a warm-up (0: see default_steps)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per run")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.batch < 1 or args.steps < 1:
-        p.error("--rounds, --batch and --steps must be >= 1")
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    if args.rounds < 1 or args.batch < 1 or args.steps < 0 or not presets:
+        p.error("--rounds and --batch must be >= 1, --steps >= 0, --presets not empty")
+    for preset in presets:
+        if compare(preset, args.steps or default_steps(preset), args):
+            return 1
+    return 0
+
+
+def compare(preset: str, n_steps: int, args) -> int:
+    """Alternating rounds of both configurations of one preset, then its report; 1 if one failed."""
     load = os.getloadavg()[0]
     steps = {name: [] for name in CONFIGS}
     cpu = {name: [] for name in CONFIGS}
@@ -151,18 +171,20 @@ def main(argv=None) -> int:
         for i in range(args.rounds):
             order = list(CONFIGS) if i % 2 == 0 else list(reversed(CONFIGS))
             for name in order:
-                step_s, cpu_s, grads[name] = run_once(name, args)
+                step_s, cpu_s, grads[name] = run_once(name, preset, n_steps, args)
                 steps[name].append(step_s)
                 cpu[name].append(cpu_s)
-                print(f"round {i + 1}/{args.rounds}: {name} step {steps[name][-1]:.3f} s",
+                print(f"{preset} round {i + 1}/{args.rounds}: {name} step {step_s:.3f} s",
                       flush=True)  # fmt: skip
     except RunFailed as e:
         name, why, output = e.args
         tail = "\n".join(output.rstrip().splitlines()[-20:])
-        print(f"{name} run failed ({why}): {' '.join(command(name, args))}", file=sys.stderr)
+        cmd = " ".join(command(name, preset, n_steps, args))
+        print(f"{name} run failed ({why}): {cmd}", file=sys.stderr)
         print(tail, file=sys.stderr)
         return 1
-    print(report(args, steps, cpu, grads, (load, os.getloadavg()[0])), flush=True)
+    load = (load, os.getloadavg()[0])
+    print(report(args, preset, n_steps, steps, cpu, grads, load), flush=True)
     return 0
 
 
