@@ -148,6 +148,15 @@ def test_flat_gradient_reduce_refuses_split_weights():
         train_step.make_train_step(cfg, tx, spec, 1.0)
 
 
+def test_flat_gradient_reduce_needs_a_split_batch():
+    rules = (("batch", None), *(r for r in sharding.DEFAULT_RULES if r[0] != "batch"))
+    mesh_cfg = MeshConfig(data=2, fsdp=2, rules=rules, grad_reduce="flat")
+    cfg = dataclasses.replace(_cfg(), mesh=mesh_cfg)
+    tx = train_step.make_optimizer(cfg.optim, cfg.steps)
+    spec = train_step.state_spec(cfg, tx, sharding.make_mesh(2, 2, devices=jax.devices()[:4]))
+    assert train_step.grad_reduce(cfg, spec) == "xla"  # every device has the whole batch
+
+
 @pytest.mark.slow
 def test_non_finite_step_leaves_the_state_untouched():
     cfg = _cfg()

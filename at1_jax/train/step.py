@@ -188,6 +188,8 @@ def grad_reduce(cfg: TrainConfig, spec: StateSpec) -> str:
     arrays = (spec.shardings["params"], spec.shardings["buffers"])
     if not sharding.flat_grad_reduce(cfg.mesh.grad_reduce, arrays, spec.mesh):
         return "xla"
+    if not sharding.batch_axes(spec.mesh, cfg.mesh.rules):
+        return "xla"  # the batch is not split (mesh.rules): there is nothing to sum
     if split := sharding.split_arrays(arrays):
         raise ConfigError(
             f"config.mesh.grad_reduce='flat' needs every parameter replicated; {split} arrays "
