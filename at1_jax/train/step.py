@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -157,14 +156,14 @@ def _accumulated(grad_fn, params, buffers, args, k_drop, accum: int, constrain=N
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
 
-def _flat_reduced(grad_fn, mesh: Mesh, axes: tuple[str, ...], accum: int):
+def _flat_reduced(grad_fn, mesh: Mesh, rules: sharding.Rules, accum: int):
     """(loss, grads) per device over its part of the batch, then one all-reduce of both.
 
     The gradients leave shard_map as one flat buffer summed over `axes` (the batch axes);
     parameters and buffers must be replicated. Dropout keys fold in the device's batch
     shard, so masks depend on the batch split (the loss and gradients otherwise do not).
     """
-    n = math.prod(mesh.shape[a] for a in axes)
+    axes, n = sharding.batch_axes(mesh, rules), sharding.data_parallel_size(mesh, rules)
     part = PartitionSpec(axes)
 
     def local(params, buffers, x_noisy, sigma, text, x, k_drop):
@@ -216,9 +215,8 @@ def make_train_step(
         return x0_loss(pred, x)
 
     grad_fn = jax.value_and_grad(loss_fn)
-    axes = sharding.batch_axes(spec.mesh, cfg.mesh.rules)
     flat = grad_reduce(cfg, spec) == "flat"
-    flat_grads = _flat_reduced(grad_fn, spec.mesh, axes, accum) if flat else None
+    flat_grads = _flat_reduced(grad_fn, spec.mesh, cfg.mesh.rules, accum) if flat else None
     batch_constraint = NamedSharding(spec.mesh, PartitionSpec(None, *spec.batch.spec))
 
     def step(state, batch):
