@@ -71,8 +71,8 @@ bench-compare: $(STAMP)
 	PYTHONPATH=. $(BIN)/python tools/bench_compare.py --presets at1,tld-tiny --batch 32 $(ARGS)
 
 # 2 processes x 2 devices against 1 x 4 (launch/local.py, jax.distributed over gloo), the
-# same step and global batch, alternating rounds, for tld-tiny (configs/cpu.py's model) and
-# at1; e.g. make bench-scale ARGS="--presets at1 --rounds 4".
+# same step and global batch, both started once and timed in windows that take turns, for
+# tld-tiny (configs/cpu.py's model) and at1; e.g. make bench-scale ARGS="--presets at1".
 bench-scale: $(STAMP)
 	PYTHONPATH=. $(BIN)/python tools/bench_scale.py $(ARGS)
 

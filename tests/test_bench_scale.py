@@ -35,13 +35,15 @@ def run(cmd, timeout):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_scale_comparison_prints_both_configurations_ratio_and_verdict():
-    # Batch 32 and 4 steps: ~0.2 s timed, as 2 steps of batch 8 were before the gradients
-    # crossed processes as one flat buffer (now ~15 ms a step at batch 8: over those few
-    # ms getrusage read 2.11 cores' CPU on 2 cores). 40 steps hung twice under pytest.
-    args = ["--presets", "tld-tiny", "--batch", "32", "--steps", "4", "--rounds", "1"]
-    code, out, err = run([sys.executable, str(TOOL), *args], timeout=540)
+    # Batch 32 and 4 steps a window: ~0.2 s timed (over a few ms, getrusage read 2.11 cores'
+    # CPU on 2 cores). A window that does not come stops the tool within --timeout-s.
+    args = ["--presets", "tld-tiny", "--batch", "32", "--steps", "4", "--rounds", "2"]
+    code, out, err = run([sys.executable, str(TOOL), *args, "--timeout-s", "240"], timeout=540)
     assert code == 0, (out + err)[-3000:]
-    assert "preset=tld-tiny batch=32 dtype=auto steps=4 rounds=1 mesh=data:2,fsdp:2" in out
+    assert "preset=tld-tiny batch=32 dtype=auto steps=4 rounds=2 mesh=data:2,fsdp:2" in out
+    # The two runs take turns, the order flipping every round.
+    turns = re.findall(r"^tld-tiny round (\d)/2: (1x4|2x2) step [\d.]+ s$", out, re.M)
+    assert turns == [("1", "1x4"), ("1", "2x2"), ("2", "2x2"), ("2", "1x4")], out
     rows = {
         m["name"]: m
         for m in re.finditer(
@@ -88,6 +90,6 @@ def test_a_failing_run_stops_the_comparison_with_its_error():
     args = ["--preset", "tld-tiny", "--batch", "3", "--steps", "1", "--rounds", "1"]
     code, out, err = run([sys.executable, str(TOOL), *args], timeout=120)
     assert code == 1, out + err
-    assert "1x4 run failed (exit code 2)" in err
+    assert "1x4 run failed (exit code 2 before window 0)" in err
     assert "error: --batch 3 must be a multiple of the data-parallel size 4" in err
     assert "Traceback" not in err and "within 10%" not in out

@@ -1,6 +1,9 @@
 """Benchmarks run and report consistent figures (no timing assertions)."""
 
 import dataclasses
+import re
+import threading
+import time
 
 import pytest
 
@@ -52,6 +55,51 @@ def test_train_benchmark_counts_every_device():
     assert r["model_flops"] == 8 * flops.analytic_train_flops(model)
 
 
+@pytest.mark.slow
+def test_train_benchmark_times_each_window_only_when_its_turn_comes(capsys, tmp_path):
+    from at1_jax.train.config import DataConfig, MeshConfig, TrainConfig
+
+    model = dataclasses.replace(PRESETS["tld-tiny"], latent_size=8, depth=1)
+    cfg = TrainConfig(model=model, data=DataConfig(path="x", batch_size=8), mesh=MeshConfig(data=4))
+    result, out = {}, []
+
+    def bench_run():
+        result.update(bench.bench_train(cfg, steps=2, windows=2, turn_dir=str(tmp_path)))
+
+    def printed(text, timeout_s=120.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out.append(capsys.readouterr().out)
+            if text in "".join(out):
+                return "".join(out)
+            time.sleep(0.05)
+        pytest.fail(f"{text!r} not printed in {timeout_s} s: {''.join(out)!r}")
+
+    thread = threading.Thread(target=bench_run)
+    thread.start()
+    try:
+        printed("waiting for window 0\n")
+        time.sleep(1.0)  # ~100 steps' time: it would have timed window 0 by now
+        assert "window 0:" not in printed("waiting for window 0\n") and thread.is_alive()
+        (tmp_path / "go-0").touch()
+        text = printed("waiting for window 1\n")
+        assert "window 1:" not in text
+    finally:
+        for i in range(2):  # whatever happened, let the thread finish
+            (tmp_path / f"go-{i}").touch()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    text = printed("window 1:")
+    lines = re.findall(r"^window (\d): step ([\d.]+) s \| CPU ([\d.]+) s/step$", text, re.M)
+    assert [i for i, _, _ in lines] == ["0", "1"], text
+    # The run's figures are the windows' means, and what the lines printed.
+    windows = result["windows"]
+    assert [(f"{s:.4f}", f"{c:.4f}") for s, c in windows] == [(s, c) for _, s, c in lines]
+    assert result["step_s"] == pytest.approx(sum(s for s, _ in windows) / 2, rel=1e-12)
+    assert result["cpu_s_per_step"] == pytest.approx(sum(c for _, c in windows) / 2, rel=1e-12)
+    assert all(s > 0 and c > 0 for s, c in windows)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -60,6 +108,7 @@ def test_train_benchmark_counts_every_device():
         (["--data", "2", "--fsdp", "4"], "must equal the 4 available devices"),
         (["--fsdp", "2", "--batch", "6"], "--batch 6 must be a multiple of the data-parallel"),
         (["--preset", "nope"], "error: unknown model preset 'nope'"),
+        (["--windows", "0"], "error: --windows 0 and --steps 1 must be >= 1"),
     ],
 )
 def test_train_benchmark_names_a_mesh_or_batch_that_does_not_fit(capsys, args, message):

@@ -5,9 +5,13 @@
 
 Both configurations run `python -m at1_jax.bench train` with the same preset, global batch
 and (data=2, fsdp=2) mesh over 4 fake CPU devices: once as one process with 4 devices, once
-through launch/local.py as 2 processes with 2 devices each, joined by jax.distributed. They
-take turns for `--rounds` rounds, the order flipping every round, so that other jobs on the
-machine load both alike. The figure, per preset, is the ratio of the median step times;
+through launch/local.py as 2 processes with 2 devices each, joined by jax.distributed. Both
+start at once and compile side by side; then they take turns timing `--steps` steps each
+(a window) for `--rounds` rounds, the order flipping every round, while the other waits
+idle for its turn (`bench train --turn-dir`). Windows a few seconds apart meet the same
+machine: this shared VM's speed drifts by ±10% over minutes, which separate runs, one
+after the other, took for a difference between the configurations. The figure, per
+preset, is the ratio of the median window step times;
 nothing here is asserted. `tld-tiny` is configs/cpu.py's model, the one launch/local.py
 runs on CPU in the docs; `at1` all-reduces 26x its gradient bytes every step. Beside the
 times, the CPU time all of a run's processes spent per step (and so how many cores they
@@ -21,9 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 from at1_io.help_format import DefaultsHelpFormatter
@@ -36,6 +43,8 @@ FIGURES = re.compile(r"images/s ([\d.]+) \| step ([\d.]+) s")
 CPU = re.compile(r"this process: CPU ([\d.]+) s/step")  # one line from every process
 HEADER = re.compile(r"processes=(\d+) devices=(\d+)")
 GRADS = re.compile(r" grad_reduce=(\w+)")  # how the step summed gradients: flat or xla
+WAITING = re.compile(r"waiting for window (\d+)$")  # process 0, before each timed window
+WINDOW = re.compile(r"window (\d+): step ([\d.]+) s \| CPU ([\d.]+) s/step$")  # every process
 # Set by launch/local.py for its children; inherited ones would make the 1x4 run try to join.
 JOB_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -58,8 +67,8 @@ def child_env(devices: int) -> dict:
 
 
 def default_steps(preset: str) -> int:
-    """Timed steps per run when --steps is 0: ~2 s of `tld-tiny`, ~12 s of `at1` on 2 cores."""
-    return 40 if preset == "tld-tiny" else 5
+    """Timed steps per window when --steps is 0: ~2 s of `tld-tiny`, ~10 s of `at1` on 2 cores."""
+    return 40 if preset == "tld-tiny" else 4
 
 
 def command(name: str, preset: str, steps: int, args) -> list[str]:
@@ -74,39 +83,95 @@ def command(name: str, preset: str, steps: int, args) -> list[str]:
     return [*launcher, "--devices-per-process", str(devices), "--", *bench]
 
 
-def run_once(name: str, preset: str, steps: int, args) -> tuple[float, float, str]:
-    """One run of a configuration: step time, its processes' CPU time per step, grad_reduce."""
-    processes, devices = CONFIGS[name]
-    try:
-        run = subprocess.run(
-            command(name, preset, steps, args),
-            cwd=ROOT,
-            env=child_env(devices),
-            stdout=subprocess.PIPE,
+class Run:
+    """One configuration's `bench train`, started once and then timed window by window."""
+
+    def __init__(self, name: str, preset: str, steps: int, args, turn_dir: Path):
+        self.name, self.turn_dir, self.output = name, turn_dir, []
+        self.processes, devices = CONFIGS[name]
+        turn_dir.mkdir()
+        cmd = command(name, preset, steps, args)
+        cmd += ["--windows", str(args.rounds), "--turn-dir", str(turn_dir)]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=child_env(devices), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,  # the launcher merges its children's streams anyway
-            text=True,
-            errors="replace",
-            timeout=args.timeout_s,
-        )
-        output, code = run.stdout, run.returncode
-    except subprocess.TimeoutExpired as e:
-        output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
-        raise RunFailed(name, f"timed out after {args.timeout_s:.0f} s", output or "") from None
-    figures = FIGURES.findall(output)
-    header = HEADER.findall(output)
-    cpu = [float(c) for c in CPU.findall(output)]
-    grads = GRADS.findall(output)
-    if code != 0:
-        raise RunFailed(name, f"exit code {code}", output)
-    if len(figures) != 1 or header != [(str(processes), str(processes * devices))]:
+            text=True, errors="replace",
+            start_new_session=True,  # one process group: stop() reaches the launcher's children
+        )  # fmt: skip
+        self.cond = threading.Condition()  # guards what the reader has seen:
+        self.waiting: set[int] = set()  # windows process 0 has said it waits for
+        self.windows: dict[int, list[tuple[float, float]]] = {}  # (step s, CPU s) per process
+        self.ended = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.cond:
+                self.output.append(line)
+                if m := WAITING.search(line):
+                    self.waiting.add(int(m[1]))
+                elif m := WINDOW.search(line):
+                    self.windows.setdefault(int(m[1]), []).append((float(m[2]), float(m[3])))
+                self.cond.notify_all()
+        with self.cond:
+            self.ended = True  # end of output: the run has exited
+            self.cond.notify_all()
+
+    def fail(self, why: str) -> RunFailed:
+        with self.cond:
+            return RunFailed(self.name, why, "".join(self.output))
+
+    def wait_for(self, seen, what: str, timeout_s: float) -> None:
+        """Until `seen()` holds for the output so far; a failure if the run exits or stalls."""
+        with self.cond:
+            if self.cond.wait_for(lambda: seen() or self.ended, timeout_s) and seen():
+                return
+        if not self.ended:
+            raise self.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        raise self.fail(f"exit code {self.proc.wait()} before {what}")
+
+    def ready(self, timeout_s: float) -> None:
+        """Until the run has compiled, warmed up and waits for window 0."""
+        self.wait_for(lambda: 0 in self.waiting, "window 0", timeout_s)
+
+    def window(self, i: int, timeout_s: float) -> tuple[float, float]:
+        """Run timed window i alone: (step s, all processes' CPU s per step)."""
+        (self.turn_dir / f"go-{i}").touch()
+        done = lambda: len(self.windows.get(i, ())) == self.processes  # noqa: E731
+        self.wait_for(done, f"the figures of window {i}", timeout_s)
+        # The step is collective: every process times the same steps; the slowest is the run's.
+        return max(w[0] for w in self.windows[i]), sum(w[1] for w in self.windows[i])
+
+    def idle(self, next_window: int, last: bool, timeout_s: float) -> None:
+        """Until this run waits for its next window or, after its last, has exited."""
+        if not last:
+            self.wait_for(lambda: next_window in self.waiting, f"window {next_window}", timeout_s)
+            return
+        self.wait_for(lambda: self.ended, "its exit", timeout_s)
+        if code := self.proc.wait():
+            raise self.fail(f"exit code {code}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def summary(run: Run) -> str:
+    """How the finished run summed its gradients, after checking it is the run asked for."""
+    output = "".join(run.output)
+    figures, header = FIGURES.findall(output), HEADER.findall(output)
+    cpu, grads = CPU.findall(output), GRADS.findall(output)
+    processes = run.processes
+    if len(figures) != 1 or header != [(str(processes), str(processes * CONFIGS[run.name][1]))]:
         # One figures line from process 0 only, and the run it describes is the one asked for.
         why = f"expected one figures line for processes={processes}, got {header or 'none'}"
-        raise RunFailed(name, why, output)
+        raise run.fail(why)
     if len(cpu) != processes:
-        raise RunFailed(name, f"expected {processes} CPU lines, got {len(cpu)}", output)
+        raise run.fail(f"expected {processes} CPU lines, got {len(cpu)}")
     if len(grads) != 1:
-        raise RunFailed(name, f"expected one grad_reduce= in the header, got {grads}", output)
-    return float(figures[0][1]), sum(cpu), grads[0]
+        raise run.fail(f"expected one grad_reduce= in the header, got {grads}")
+    return grads[0]
 
 
 def report(
@@ -148,10 +213,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 where the CPU has bf16 dot products")  # fmt: skip
     p.add_argument("--steps", type=int, default=0,
-                   help="timed steps per run, after a warm-up (0: see default_steps)")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=2, help="runs per configuration, alternating")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="per run")
+                   help="timed steps per window (0: see default_steps)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=6,
+                   help="timed windows per configuration, taking turns")  # fmt: skip
+    p.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="for the compile and warm-up, and for each window")  # fmt: skip
     args = p.parse_args(argv)
+    # As an exit, so that compare() stops the runs it started (in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     if args.rounds < 1 or args.batch < 1 or args.steps < 0 or not presets:
         p.error("--rounds and --batch must be >= 1, --steps >= 0, --presets not empty")
@@ -162,27 +231,35 @@ def main(argv=None) -> int:
 
 
 def compare(preset: str, n_steps: int, args) -> int:
-    """Alternating rounds of both configurations of one preset, then its report; 1 if one failed."""
+    """Both configurations of one preset, windows interleaved, then the report; 1 if one failed."""
     load = os.getloadavg()[0]
     steps = {name: [] for name in CONFIGS}
     cpu = {name: [] for name in CONFIGS}
-    grads = {}
-    try:
-        for i in range(args.rounds):
-            order = list(CONFIGS) if i % 2 == 0 else list(reversed(CONFIGS))
-            for name in order:
-                step_s, cpu_s, grads[name] = run_once(name, preset, n_steps, args)
-                steps[name].append(step_s)
-                cpu[name].append(cpu_s)
-                print(f"{preset} round {i + 1}/{args.rounds}: {name} step {step_s:.3f} s",
-                      flush=True)  # fmt: skip
-    except RunFailed as e:
-        name, why, output = e.args
-        tail = "\n".join(output.rstrip().splitlines()[-20:])
-        cmd = " ".join(command(name, preset, n_steps, args))
-        print(f"{name} run failed ({why}): {cmd}", file=sys.stderr)
-        print(tail, file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        runs = {name: Run(name, preset, n_steps, args, Path(tmp) / name) for name in CONFIGS}
+        try:
+            for run in runs.values():  # both compiled and warmed up, neither timing yet
+                run.ready(args.timeout_s)
+            for i in range(args.rounds):
+                order = list(CONFIGS) if i % 2 == 0 else list(reversed(CONFIGS))
+                for name in order:
+                    step_s, cpu_s = runs[name].window(i, args.timeout_s)
+                    runs[name].idle(i + 1, i + 1 == args.rounds, args.timeout_s)
+                    steps[name].append(step_s)
+                    cpu[name].append(cpu_s)
+                    print(f"{preset} round {i + 1}/{args.rounds}: {name} step {step_s:.3f} s",
+                          flush=True)  # fmt: skip
+            grads = {name: summary(run) for name, run in runs.items()}
+        except RunFailed as e:
+            name, why, output = e.args
+            tail = "\n".join(output.rstrip().splitlines()[-20:])
+            cmd = " ".join(command(name, preset, n_steps, args))
+            print(f"{name} run failed ({why}): {cmd}", file=sys.stderr)
+            print(tail, file=sys.stderr)
+            return 1
+        finally:
+            for run in runs.values():
+                run.stop()
     load = (load, os.getloadavg()[0])
     print(report(args, preset, n_steps, steps, cpu, grads, load), flush=True)
     return 0

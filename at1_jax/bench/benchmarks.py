@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -134,10 +135,23 @@ def _main_sample(args) -> int:
     return 0
 
 
-def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
+def wait_turn(turn_dir: str, window: int, poll_s: float = 0.005) -> None:
+    """Block until `turn_dir`/go-`window` exists (process 0 first says it waits for it)."""
+    if jax.process_index() == 0:
+        print(f"waiting for window {window}", flush=True)
+    go = Path(turn_dir) / f"go-{window}"
+    while not go.exists():
+        time.sleep(poll_s)  # ~200 stat calls a second: no measurable CPU
+
+
+def bench_train(
+    cfg, steps: int, profile_dir: str | None = None, windows: int = 1, turn_dir: str | None = None
+) -> dict:
     """The real sharded train step on synthetic batches: time, FLOPs, MFU, memory, CPU time."""
     # With profile_dir, `steps` more steps run under jax.profiler.trace (written there) and
-    # "profile" holds the step's kernel time by kind.
+    # "profile" holds the step's kernel time by kind. The steps are timed in `windows`
+    # windows of `steps` each; with turn_dir, each window waits for its go file (wait_turn),
+    # takes one untimed step, and every process prints its figures as soon as it ends.
     import resource
 
     import numpy as np
@@ -176,13 +190,26 @@ def bench_train(cfg, steps: int, profile_dir: str | None = None) -> dict:
     out["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
     state, metrics = step(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    dt = (time.perf_counter() - t0) / steps
-    # All of this process's threads: compute, dispatch, collectives, the kernel's share.
-    out["cpu_s_per_step"] = (_cpu_seconds() - cpu0) / steps
+    out["windows"] = []  # (step s, this process's CPU s per step) of each window
+    for window in range(windows):
+        if turn_dir:
+            wait_turn(turn_dir, window)
+            # After another run's turn the first step is up to 1.5x slower (its memory
+            # touched again): a window times steady steps, as a training run takes them.
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        # All of this process's threads: compute, dispatch, collectives, the kernel's share.
+        figures = ((time.perf_counter() - t0) / steps, (_cpu_seconds() - cpu0) / steps)
+        out["windows"].append(figures)
+        if turn_dir:
+            print(f"window {window}: step {figures[0]:.4f} s | CPU {figures[1]:.4f} s/step",
+                  flush=True)  # fmt: skip
+    dt = sum(w[0] for w in out["windows"]) / windows
+    out["cpu_s_per_step"] = sum(w[1] for w in out["windows"]) / windows
     out.update(step_s=dt, images_per_s=cfg.data.batch_size / dt)
     out["tflops_per_s"] = out["model_flops"] / dt / 1e12
     peak = peak_flops(jax.devices()[0])
@@ -266,7 +293,9 @@ def _main_train(args) -> int:
             ),
         )
         check_train_setup(cfg)
-        r = bench_train(cfg, args.steps, args.profile)
+        if args.windows < 1 or args.steps < 1:
+            raise ValueError(f"--windows {args.windows} and --steps {args.steps} must be >= 1")
+        r = bench_train(cfg, args.steps, args.profile, args.windows, args.turn_dir)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -350,7 +379,14 @@ def main(argv=None) -> int:
     t.add_argument(
         "--batch-size", "--batch", dest="batch", type=int, default=32, help="global batch"
     )
-    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--steps", type=int, default=5, help="timed steps per window")
+    t.add_argument("--windows", type=int, default=1, help="timed windows; figures: their mean")
+    t.add_argument(
+        "--turn-dir",
+        metavar="DIR",
+        help="before timed window i, wait until DIR/go-i exists, and print each window's "
+        "figures: how tools/bench_scale.py interleaves two runs",
+    )
     t.add_argument("--data", type=int, default=-1, help="mesh data axis (-1: the rest)")
     t.add_argument("--fsdp", type=int, default=1)
     t.add_argument("--tensor", type=int, default=1)
