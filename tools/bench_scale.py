@@ -236,8 +236,10 @@ def compare(preset: str, n_steps: int, args) -> int:
     steps = {name: [] for name in CONFIGS}
     cpu = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        runs = {name: Run(name, preset, n_steps, args, Path(tmp) / name) for name in CONFIGS}
+        runs = {}
         try:
+            for name in CONFIGS:
+                runs[name] = Run(name, preset, n_steps, args, Path(tmp) / name)
             for run in runs.values():  # both compiled and warmed up, neither timing yet
                 run.ready(args.timeout_s)
             for i in range(args.rounds):
