@@ -194,8 +194,8 @@ def bench_train(
     for window in range(windows):
         if turn_dir:
             wait_turn(turn_dir, window)
-            # After another run's turn the first step is up to 1.5x slower (its memory
-            # touched again): a window times steady steps, as a training run takes them.
+            # Right after another run's turn, steps ran slower (at1's 3-step windows at
+            # 3.27-3.65 s a step, 2.44-2.61 s otherwise): time steady ones, as training runs.
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
