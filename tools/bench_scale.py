@@ -88,12 +88,12 @@ class Run:
 
     def __init__(self, name: str, preset: str, steps: int, args, turn_dir: Path):
         self.name, self.turn_dir, self.output = name, turn_dir, []
-        self.processes, devices = CONFIGS[name]
+        self.processes, self.devices = CONFIGS[name]  # devices per process
         turn_dir.mkdir()
         cmd = command(name, preset, steps, args)
         cmd += ["--windows", str(args.rounds), "--turn-dir", str(turn_dir)]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=child_env(devices), stdout=subprocess.PIPE,
+            cmd, cwd=ROOT, env=child_env(self.devices), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,  # the launcher merges its children's streams anyway
             text=True, errors="replace",
             start_new_session=True,  # one process group: stop() reaches the launcher's children
@@ -163,7 +163,7 @@ def summary(run: Run) -> str:
     figures, header = FIGURES.findall(output), HEADER.findall(output)
     cpu, grads = CPU.findall(output), GRADS.findall(output)
     processes = run.processes
-    if len(figures) != 1 or header != [(str(processes), str(processes * CONFIGS[run.name][1]))]:
+    if len(figures) != 1 or header != [(str(processes), str(processes * run.devices))]:
         # One figures line from process 0 only, and the run it describes is the one asked for.
         why = f"expected one figures line for processes={processes}, got {header or 'none'}"
         raise run.fail(why)
